@@ -1,0 +1,169 @@
+"""The one module that talks to Horovod and tf.distribute.
+
+Two backends share one interface, so plans and the loop never ask which one runs:
+- `horovod` (default): one data-parallel replica per process, launched by `horovodrun`,
+  `mpirun` or `srun`; plain `python` gives one process. Gradients travel with Horovod's
+  fused ring all-reduce.
+- `mirrored`: `tf.distribute.MirroredStrategy` over the devices of one process (its GPUs,
+  or N logical CPU devices, which is how the tests run it).
+
+A training step is written for one replica and its share of the global batch; it calls
+`sum_across_replicas` for the values that must be global. `run_step` runs it on every replica.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from common.errors import ConfigError, RecipeError
+
+Nest = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    backend: str
+    process_rank: int
+    num_processes: int
+    local_rank: int
+    num_replicas: int            # data-parallel replicas in the whole job
+    strategy: tf.distribute.Strategy | None = None
+
+    @property
+    def is_chief(self) -> bool:
+        return self.process_rank == 0
+
+    @property
+    def replicas_per_process(self) -> int:
+        return self.num_replicas // self.num_processes
+
+    def scope(self):
+        """Where models and optimizers are built (MirroredStrategy places variables there)."""
+        return self.strategy.scope() if self.strategy else contextlib.nullcontext()
+
+    # ---------------------------------------------------------------- in-graph collectives
+    def sum_across_replicas(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+        """Element-wise sums over all replicas, in one fused collective; call inside a step."""
+        tensors = list(tensors)
+        if self.num_replicas == 1:
+            return tensors
+        if self.backend == "mirrored":
+            context = tf.distribute.get_replica_context()
+            return list(context.all_reduce(tf.distribute.ReduceOp.SUM, tensors))
+        import horovod.tensorflow as hvd
+        return list(hvd.grouped_allreduce(tensors, op=hvd.Sum))
+
+    def run_step(self, step_fn: Callable[[Nest], Nest], batch: Nest) -> Nest:
+        """Run a per-replica step. `batch` is this process's share of the global batch;
+        under `mirrored` it is split into one contiguous slice per device. Returns the first
+        replica's outputs (the step reduces what must be global)."""
+        if self.strategy is None:
+            return step_fn(batch)
+        count = self.replicas_per_process
+
+        def replica_slice(context: tf.distribute.ValueContext) -> Nest:
+            index = context.replica_id_in_sync_group
+            return tf.nest.map_structure(lambda t: tf.split(t, count)[index], batch)
+
+        per_replica = self.strategy.experimental_distribute_values_from_function(replica_slice)
+        outputs = self.strategy.run(step_fn, args=(per_replica,))
+        return tf.nest.map_structure(lambda v: self.strategy.experimental_local_results(v)[0], outputs)
+
+    # ---------------------------------------------------------------- host-side helpers
+    def broadcast_variables(self, variables: Sequence[Any], root: int = 0) -> None:
+        """Give every process rank `root`'s values, in one collective over a flat buffer."""
+        if self.backend != "horovod" or self.num_processes == 1 or not variables:
+            return
+        import horovod.tensorflow as hvd
+        flat = tf.concat([tf.reshape(tf.cast(v, tf.float64), [-1]) for v in variables], axis=0)
+        flat = hvd.broadcast(flat, root_rank=root, name="broadcast_state")
+        offset = 0
+        for v in variables:
+            size = int(np.prod(v.shape))
+            v.assign(tf.cast(tf.reshape(flat[offset:offset + size], v.shape), v.dtype))
+            offset += size
+
+    def broadcast_error(self, message: str | None) -> None:
+        """Raise the chief's error on every process: for checks only the chief can make
+        (it alone reads a checkpoint), so no other rank waits forever in a collective."""
+        if self.backend == "horovod" and self.num_processes > 1:
+            import horovod.tensorflow as hvd
+            message = hvd.broadcast_object(message, root_rank=0, name="chief_status")
+        if message:
+            raise RecipeError(message)
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every process's `obj`, in rank order, on every process (host-side, picklable)."""
+        if self.backend == "horovod" and self.num_processes > 1:
+            import horovod.tensorflow as hvd
+            return list(hvd.allgather_object(obj, name="gather_objects"))
+        return [obj]
+
+    def barrier(self) -> None:
+        if self.backend == "horovod" and self.num_processes > 1:
+            import horovod.tensorflow as hvd
+            hvd.allreduce(tf.constant(0.0), op=hvd.Sum, name="barrier")
+
+
+def _configure_threads(intra_op_threads: int) -> None:
+    if intra_op_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(max(2, intra_op_threads))
+
+
+def _init_horovod() -> Dist:
+    try:
+        import horovod.tensorflow as hvd
+    except ImportError as error:
+        raise RecipeError(f"Horovod is not installed ({error}): run scripts/setup.sh, "
+                          "or pass --backend=mirrored") from None
+    hvd.init()
+    # Horovod: pin one GPU per process, by local rank.
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        gpu = gpus[hvd.local_rank() % len(gpus)]
+        tf.config.experimental.set_memory_growth(gpu, True)
+        tf.config.set_visible_devices(gpu, "GPU")
+    return Dist("horovod", hvd.rank(), hvd.size(), hvd.local_rank(), hvd.size())
+
+
+def _launched_by_mpi() -> bool:
+    return any(key in os.environ for key in ("OMPI_COMM_WORLD_SIZE", "HOROVOD_SIZE", "PMI_SIZE"))
+
+
+def _init_mirrored(requested_devices: int) -> Dist:
+    if _launched_by_mpi():
+        raise ConfigError("--backend=mirrored runs in one process: start it with plain python, "
+                          "not horovodrun/mpirun")
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        count = requested_devices or len(gpus)
+        if count > len(gpus):
+            raise ConfigError(f"--mirrored_devices={count} but this host has {len(gpus)} GPUs")
+        devices = [f"/gpu:{i}" for i in range(count)]
+    else:
+        count = requested_devices or 2
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
+        devices = [f"/cpu:{i}" for i in range(count)]
+    strategy = tf.distribute.MirroredStrategy(devices)
+    return Dist("mirrored", 0, 1, 0, count, strategy)
+
+
+def init(backend: str, *, seed: int, deterministic: bool, intra_op_threads: int = 0,
+         mirrored_devices: int = 0) -> Dist:
+    """Start the backend; call once, before any other TensorFlow work."""
+    _configure_threads(intra_op_threads)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+    dist = _init_mirrored(mirrored_devices) if backend == "mirrored" else _init_horovod()
+    # The same seed everywhere: equal initial weights, equal data order on every rank.
+    import keras
+    keras.utils.set_random_seed(seed)
+    return dist

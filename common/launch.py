@@ -1,0 +1,56 @@
+"""What every recipe's main() does first: flags, backend, folders; and the one place a
+user-fixable error becomes one line on stderr and a non-zero exit."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from common import config as config_lib
+from common import dist as dist_lib
+from common.errors import ConfigError, RecipeError, exit_with
+from common.plans.data import per_replica_batch_size
+
+PLANS = ("data",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    config: config_lib.TrainConfig
+    dist: dist_lib.Dist
+    out_dir: Path
+    data_dir: str
+
+    @property
+    def process_batch_size(self) -> int:
+        """Examples this process reads per optimizer step (all its replicas, all micro-batches)."""
+        cfg = self.config
+        return per_replica_batch_size(cfg.global_batch_size, self.dist.num_replicas, cfg.accum_steps) \
+            * cfg.accum_steps * self.dist.replicas_per_process
+
+
+def start(config_cls: type[config_lib.TrainConfig], recipe: str, argv=None) -> Run:
+    config = config_lib.parse_or_exit(config_cls, argv)
+    if config.plan not in PLANS:
+        raise ConfigError(f"--plan={config.plan} is not available; plans: {', '.join(PLANS)}")
+    dist = dist_lib.init(config.backend, seed=config.seed, deterministic=config.deterministic,
+                         intra_op_threads=config.intra_op_threads, mirrored_devices=config.mirrored_devices)
+    run = Run(config, dist, Path(config.out_dir or f"runs/{recipe}"),
+              config.data_dir or os.environ.get("TFDS_DATA_DIR") or str(Path.home() / "tensorflow_datasets"))
+    run.process_batch_size  # raises ConfigError when the global batch does not split evenly
+    return run
+
+
+def guarded(main: Callable[[], None]) -> Callable[[], None]:
+    """Run main(); a RecipeError ends this rank with its one-line message."""
+    @functools.wraps(main)
+    def wrapper():
+        try:
+            main()
+        except RecipeError as error:
+            exit_with(error)
+        sys.stdout.flush()
+    return wrapper

@@ -1,0 +1,126 @@
+"""The training loop every recipe shares: step, log, checkpoint, evaluate, export.
+
+Only the chief writes files and shows the progress bar; the metrics it writes are global
+(the step reduces them across replicas). Outputs in `out_dir`: `config.json`,
+`metrics.jsonl`, `tb/` (TensorBoard), `checkpoints/`, `summary.json` and the exported model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import keras
+import tensorflow as tf
+from tqdm import tqdm
+
+from common import checkpoint
+from common.dist import Dist
+from common.plans.data import broadcast_initial_state
+
+
+@dataclasses.dataclass
+class ChiefLog:
+    """metrics.jsonl plus TensorBoard scalars; a no-op on other ranks."""
+
+    out_dir: Path
+    enabled: bool
+
+    def __post_init__(self):
+        if self.enabled:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._writer = tf.summary.create_file_writer(str(self.out_dir / "tb"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        with self._writer.as_default(step=record["step"]):
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    tf.summary.scalar(key, value)
+        self._writer.flush()
+
+    def write_json(self, name: str, data: dict[str, Any]) -> None:
+        if self.enabled:
+            (self.out_dir / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def restore_or_start(dist: Dist, model: keras.Model, optimizer, ckpt_dir: Path, resume: bool) -> int:
+    """Step to start from. The chief restores (when asked and a checkpoint exists), every
+    rank learns whether that failed, then rank 0's state is broadcast to all."""
+    if not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    variables = list(model.variables) + list(optimizer.variables)
+    error = None
+    if dist.is_chief and resume and checkpoint.latest_step(ckpt_dir) is not None:
+        try:
+            checkpoint.restore(ckpt_dir, variables)
+        except Exception as failure:  # reported on every rank below
+            error = str(failure)
+    dist.broadcast_error(error)
+    broadcast_initial_state(dist, model, optimizer)
+    return int(optimizer.iterations.numpy())
+
+
+def train(config, dist: Dist, *, model: keras.Model, optimizer, train_step: Callable,
+          make_batches: Callable[[int], Iterator], evaluate: Callable[[], dict[str, Any]],
+          export: Callable[[Path], None], out_dir: Path) -> dict[str, Any]:
+    """Train to `config.steps`; returns the summary written to summary.json."""
+    log = ChiefLog(out_dir, dist.is_chief)
+    log.write_json("config.json", {**config.to_dict(), "world_size": dist.num_replicas})
+    ckpt_dir = out_dir / "checkpoints"
+    start = restore_or_start(dist, model, optimizer, ckpt_dir, config.resume)
+    batches = make_batches(start)
+    progress = tqdm(total=config.steps, initial=start, disable=not dist.is_chief, desc="train")
+    window_start, window_steps, window_counts = time.perf_counter(), 0, []
+    first_window_done, steady = False, {"seconds": 0.0, "steps": 0, "count": 0.0}
+    metrics: dict[str, Any] = {}
+    for step in range(start, config.steps):
+        out = train_step(next(batches))
+        window_steps += 1
+        window_counts.append(out["count"])
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps:
+            values = {k: float(v) for k, v in out.items() if k != "count"}
+            seconds = time.perf_counter() - window_start
+            count = float(tf.add_n(window_counts))
+            metrics = {"step": done, **values, "lr": float(optimizer.learning_rate),
+                       "examples_per_sec": config.global_batch_size * window_steps / seconds,
+                       "tokens_per_sec": count / seconds, "world_size": dist.num_replicas}
+            log.write(metrics)
+            progress.set_postfix(loss=f"{values['loss']:.4f}")
+            if first_window_done:  # the first window pays for tracing and is left out
+                steady = {"seconds": steady["seconds"] + seconds, "steps": steady["steps"] + window_steps,
+                          "count": steady["count"] + count}
+            first_window_done = True
+            window_start, window_steps, window_counts = time.perf_counter(), 0, []
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and dist.is_chief:
+            checkpoint.save(ckpt_dir, done, list(model.variables) + list(optimizer.variables))
+        if config.eval_every and done % config.eval_every == 0 and done != config.steps:
+            log.write({"step": done, **evaluate()})
+        progress.update(1)
+    progress.close()
+    if dist.is_chief and start < config.steps:
+        checkpoint.save(ckpt_dir, config.steps, list(model.variables) + list(optimizer.variables))
+    results = evaluate()
+    throughput = _throughput(config.global_batch_size, steady)
+    summary = {"steps": config.steps, "world_size": dist.num_replicas, "final_loss": metrics.get("loss"),
+               **throughput, **results}
+    log.write({"step": config.steps, **results, **throughput, "kind": "final"})
+    log.write_json("summary.json", summary)
+    if dist.is_chief:
+        export(out_dir)
+    dist.barrier()
+    return summary
+
+
+def _throughput(global_batch_size: int, steady: dict[str, float]) -> dict[str, float]:
+    """Steady-state throughput over all windows but the first (which includes tracing)."""
+    if not steady["steps"]:
+        return {}
+    return {"steady_examples_per_sec": global_batch_size * steady["steps"] / steady["seconds"],
+            "steady_tokens_per_sec": steady["count"] / steady["seconds"]}

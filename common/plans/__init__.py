@@ -1,0 +1,1 @@
+"""Parallel plans: each a few small functions over `common.dist.Dist`."""

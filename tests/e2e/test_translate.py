@@ -1,0 +1,97 @@
+"""translate.py end to end, as real processes under python, horovodrun and mpirun (--debug)."""
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from tests.launchers import run_recipe
+
+pytestmark = pytest.mark.slow
+
+DETERMINISTIC = ["--debug", "--deterministic", "--steps=20", "--log_every=1", "--checkpoint_every=0",
+                 "--global_batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """The one-process run every plan must reproduce."""
+    result = run_recipe("translate", DETERMINISTIC + [f"--data_dir={data_dir}"],
+                        tmp_path_factory.mktemp("single"), launcher="python")
+    assert result.returncode == 0, result.output[-3000:]
+    return result
+
+
+def final_weights(result):
+    with np.load(sorted((result.out_dir / "checkpoints").glob("ckpt-*.npz"))[-1]) as stored:
+        return {name: stored[name] for name in stored.files}
+
+
+def assert_same_training(result, reference):
+    assert result.returncode == 0, result.output[-3000:]
+    losses, expected = np.array(result.losses()), np.array(reference.losses())
+    assert len(losses) == len(expected) == 20
+    np.testing.assert_allclose(losses, expected, rtol=1e-4)
+    weights, expected_weights = final_weights(result), final_weights(reference)
+    assert sorted(weights) == sorted(expected_weights)
+    for name, value in weights.items():
+        np.testing.assert_allclose(value, expected_weights[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("launcher, extra", [
+    ("horovodrun", []),
+    ("horovodrun-gloo", ["--accum_steps=2"]),
+    ("python", ["--backend=mirrored", "--mirrored_devices=2"]),
+], ids=["horovodrun-np2", "gloo-np2-accum2", "mirrored-2dev"])
+def test_two_replicas_train_exactly_like_one_process(launcher, extra, reference, data_dir, tmp_path):
+    result = run_recipe("translate", DETERMINISTIC + [f"--data_dir={data_dir}"] + extra, tmp_path,
+                        launcher=launcher)
+    assert_same_training(result, reference)
+    assert result.metrics()[0]["world_size"] == 2
+
+
+def test_one_process_run_writes_the_recipe_outputs(reference):
+    summary = reference.summary()
+    assert 0.0 <= summary["bleu"] <= 100.0 and summary["test_sentences"] > 0
+    assert summary["steady_examples_per_sec"] > 0 and summary["steady_tokens_per_sec"] > 0
+    first = reference.metrics()[0]
+    assert {"step", "loss", "examples_per_sec", "tokens_per_sec", "world_size"} <= set(first)
+    out = reference.out_dir
+    assert (out / "config.json").exists() and (out / "model.keras").exists()
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert "BLEU = " in reference.output
+
+
+def test_mpirun_trains_and_translates(data_dir, tmp_path):
+    result = run_recipe("translate", ["--debug", f"--data_dir={data_dir}"], tmp_path, launcher="mpirun")
+    assert result.returncode == 0, result.output[-3000:]
+    assert result.summary()["world_size"] == 2
+    losses = result.losses()
+    assert losses[-1] < losses[0]
+
+
+def rewind_to(ckpt_dir, step):
+    """Leave only the checkpoint of `step`, as if the run had died right after saving it."""
+    for path in ckpt_dir.glob("ckpt-*.npz"):
+        if path.name != f"ckpt-{step:08d}.npz":
+            path.unlink()
+    kept = ckpt_dir / f"ckpt-{step:08d}.npz"
+    digest = hashlib.sha256(kept.read_bytes()).hexdigest()
+    (ckpt_dir / "latest.json").write_text(json.dumps({"step": step, "file": kept.name, "sha256": digest}))
+
+
+def test_resume_continues_the_same_run(reference, data_dir, tmp_path):
+    args = DETERMINISTIC + [f"--data_dir={data_dir}", "--checkpoint_every=10"]
+    first = run_recipe("translate", args, tmp_path, launcher="horovodrun")
+    assert first.returncode == 0, first.output[-3000:]
+    rewind_to(tmp_path / "checkpoints", 10)
+    (tmp_path / "metrics.jsonl").unlink()
+    resumed = run_recipe("translate", args + ["--resume"], tmp_path, launcher="horovodrun")
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    # Weights, optimizer state and the data position all come back: steps 11-20 match.
+    np.testing.assert_allclose(resumed.losses(), reference.losses()[10:], rtol=1e-4)

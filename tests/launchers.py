@@ -1,0 +1,61 @@
+"""Run a recipe as real processes, the way users launch it, and read what it wrote."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Result:
+    returncode: int
+    output: str
+    seconds: float
+    out_dir: Path
+
+    def metrics(self) -> list[dict]:
+        lines = (self.out_dir / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    def losses(self) -> list[float]:
+        return [m["loss"] for m in self.metrics() if "loss" in m and m.get("kind") != "final"]
+
+    def summary(self) -> dict:
+        return json.loads((self.out_dir / "summary.json").read_text())
+
+    def error_lines(self) -> list[str]:
+        return [line for line in self.output.splitlines() if "error: " in line]
+
+
+def command(launcher: str, processes: int) -> list[str]:
+    python = [sys.executable]
+    if launcher == "python":
+        return python
+    if launcher == "horovodrun":
+        return [str(BIN / "horovodrun"), "-np", str(processes)] + python
+    if launcher == "horovodrun-gloo":
+        return [str(BIN / "horovodrun"), "--gloo", "-np", str(processes)] + python
+    if launcher == "mpirun":
+        return ["mpirun", "-np", str(processes), "--oversubscribe", "--bind-to", "none",
+                "-x", "PATH", "-x", "PYTHONPATH", "-x", "TF_CPP_MIN_LOG_LEVEL"] + python
+    raise ValueError(launcher)
+
+
+def run_recipe(recipe: str, args: list[str], out_dir: Path, *, launcher: str = "python",
+               processes: int = 2, timeout: float = 600) -> Result:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO),
+           "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    cmd = command(launcher, processes) + [str(REPO / "recipes" / f"{recipe}.py"),
+                                          f"--out_dir={out_dir}", "--intra_op_threads=1", *args]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    return Result(done.returncode, done.stdout + done.stderr, time.perf_counter() - start, out_dir)
