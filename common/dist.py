@@ -46,6 +46,15 @@ class Dist:
         """Where models and optimizers are built (MirroredStrategy places variables there)."""
         return self.strategy.scope() if self.strategy else contextlib.nullcontext()
 
+    @contextlib.contextmanager
+    def model_scope(self, seed: int):
+        """Build the model here: the seed is set on entry, so whatever ran before (data
+        preparation draws random numbers too) cannot change the initial weights."""
+        import keras
+        keras.utils.set_random_seed(seed)
+        with self.scope():
+            yield
+
     # ---------------------------------------------------------------- in-graph collectives
     def sum_across_replicas(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         """Element-wise sums over all replicas, in one fused collective; call inside a step."""
@@ -163,7 +172,7 @@ def init(backend: str, *, seed: int, deterministic: bool, intra_op_threads: int 
     if deterministic:
         tf.config.experimental.enable_op_determinism()
     dist = _init_mirrored(mirrored_devices) if backend == "mirrored" else _init_horovod()
-    # The same seed everywhere: equal initial weights, equal data order on every rank.
+    # The same seed everywhere: equal data order on every rank (models reseed in model_scope).
     import keras
     keras.utils.set_random_seed(seed)
     return dist

@@ -52,7 +52,7 @@ class ChiefLog:
 def restore_or_start(dist: Dist, model: keras.Model, optimizer, ckpt_dir: Path, resume: bool) -> int:
     """Step to start from. The chief restores (when asked and a checkpoint exists), every
     rank learns whether that failed, then rank 0's state is broadcast to all."""
-    if not optimizer.built:
+    with dist.scope():
         optimizer.build(model.trainable_variables)
     variables = list(model.variables) + list(optimizer.variables)
     error = None

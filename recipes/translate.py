@@ -199,7 +199,7 @@ def main():
     cfg, dist = run.config, run.dist
     data = load_translation(data_dir=run.data_dir, dataset=cfg.dataset or None, debug=cfg.debug,
                             max_len=cfg.max_len, vocab_size=cfg.vocab_size, source_path=cfg.freedict_file)
-    with dist.scope():
+    with dist.model_scope(cfg.seed):
         encoder, decoder, model = build_models(cfg, data.tokenizer.vocab_size)
         peak = scaled_lr(cfg.lr, cfg.global_batch_size, cfg.lr_reference_batch, cfg.lr_scaling)
         optimizer = keras.optimizers.Adam(WarmupCosine(peak, cfg.warmup_steps, cfg.steps), global_clipnorm=1.0)

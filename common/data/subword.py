@@ -9,6 +9,8 @@ from common.data.tfds_io import file_lock
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SEED = 1234
+# Sentences sampled (with SEED) from larger corpora, to keep single-threaded training short.
+MAX_SENTENCES = 200_000
 
 
 def _train(texts: Iterable[str], prefix: str, vocab_size: int) -> None:
@@ -29,7 +31,7 @@ def _train(texts: Iterable[str], prefix: str, vocab_size: int) -> None:
         spm.SentencePieceTrainer.train(
             input=corpus, model_prefix=os.path.join(tmp, "spm"), vocab_size=vocab_size,
             model_type="unigram", character_coverage=1.0, hard_vocab_limit=False,
-            num_threads=1, shuffle_input_sentence=False,
+            num_threads=1, input_sentence_size=MAX_SENTENCES, shuffle_input_sentence=True,
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
             minloglevel=2)
         os.replace(os.path.join(tmp, "spm.vocab"), prefix + ".vocab")

@@ -10,8 +10,10 @@ import os
 
 import tensorflow_datasets as tfds
 
+from common.errors import RecipeError
 
-class DataError(Exception):
+
+class DataError(RecipeError):
     """A dataset cannot be used; the message is one line naming the fix."""
 
 

@@ -62,9 +62,7 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def broadcast_initial_state(dist: Dist, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
-    """Horovod: start every rank from rank 0's weights and optimizer state."""
-    if not optimizer.built:
-        optimizer.build(model.trainable_variables)
+    """Horovod: start every rank from rank 0's weights and optimizer state (built already)."""
     dist.broadcast_variables(list(model.variables) + list(optimizer.variables))
 
 

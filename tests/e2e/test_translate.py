@@ -1,6 +1,7 @@
 """translate.py end to end, as real processes under python, horovodrun and mpirun (--debug)."""
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -95,3 +96,34 @@ def test_resume_continues_the_same_run(reference, data_dir, tmp_path):
     assert resumed.returncode == 0, resumed.output[-3000:]
     # Weights, optimizer state and the data position all come back: steps 11-20 match.
     np.testing.assert_allclose(resumed.losses(), reference.losses()[10:], rtol=1e-4)
+
+
+# ------------------------------------------------------------------------ bad input, 2 ranks
+def corrupted_checkpoint(reference, tmp_path):
+    shutil.copytree(reference.out_dir / "checkpoints", tmp_path / "checkpoints")
+    path = sorted((tmp_path / "checkpoints").glob("ckpt-*.npz"))[-1]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return ["--resume"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bogus=1"], "unknown flag --bogus"),
+    (["--global_batch_size=15"], "does not divide into 2 data-parallel ranks"),
+    (["--freedict_file=/nonexistent/freedict-eng-deu.dict.dz"], "install the Debian package dict-freedict-eng-deu"),
+    (["--dataset=wmt14_translate/de-en", "--data_dir={empty}"], "is not prepared"),
+    ([corrupted_checkpoint], "is corrupt"),
+], ids=["unknown-flag", "batch-not-divisible", "missing-package", "unprepared-tfds", "corrupt-checkpoint"])
+def test_bad_input_fails_fast_on_every_rank(args, message, reference, data_dir, tmp_path):
+    empty = tmp_path / "empty_tfds"
+    empty.mkdir()
+    argv = ["--debug", f"--data_dir={data_dir}"]
+    for arg in args:
+        argv += arg(reference, tmp_path) if callable(arg) else [arg.format(empty=empty)]
+    result = run_recipe("translate", argv, tmp_path, launcher="horovodrun", timeout=120)
+    assert result.returncode != 0
+    assert result.seconds < 30, f"took {result.seconds:.0f} s"
+    errors = [line for line in result.error_lines() if message in line]
+    assert errors, result.output[-3000:]
+    assert "Traceback" not in result.output, result.output[-3000:]
