@@ -1,5 +1,9 @@
-"""Gradient compression on the wire: a compressor turns gradients into what is all-reduced
-and back. Only lossless-in-range casts so far (`none`, `fp16`)."""
+"""Gradient compression: a compressor owns how (already normalised) gradients cross the wire.
+
+`reduce(grads, dist)` returns the sum over replicas of `grads`, computed through whatever
+smaller representation the compressor sends. Gradients arrive divided by the global weight
+count (mean-sized), so narrower float types stay in range.
+"""
 from __future__ import annotations
 
 from typing import Sequence
@@ -8,25 +12,21 @@ import tensorflow as tf
 
 
 class NoCompression:
-    def compress(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
-        return list(tensors)
+    """Full-precision sum in one fused all-reduce."""
 
-    def decompress(self, wire: Sequence[tf.Tensor], originals: Sequence[tf.Tensor]) -> list[tf.Tensor]:
-        return list(wire)
+    def reduce(self, grads: Sequence[tf.Tensor], dist) -> list[tf.Tensor]:
+        return dist.sum_across_replicas(grads)
 
 
 class CastCompression(NoCompression):
-    """Send floating-point gradients in a narrower float type; gradients should be
-    normalised (mean-sized) before this, so that they stay in the type's range."""
+    """Send floating-point gradients in a narrower float type, sum, cast back."""
 
     def __init__(self, wire_dtype: tf.DType):
         self.wire_dtype = wire_dtype
 
-    def compress(self, tensors):
-        return [tf.cast(t, self.wire_dtype) if t.dtype.is_floating else t for t in tensors]
-
-    def decompress(self, wire, originals):
-        return [tf.cast(w, o.dtype) for w, o in zip(wire, originals)]
+    def reduce(self, grads, dist):
+        wire = [tf.cast(g, self.wire_dtype) for g in grads]
+        return [tf.cast(s, g.dtype) for s, g in zip(dist.sum_across_replicas(wire), grads)]
 
 
 def make_compressor(name: str) -> NoCompression:

@@ -32,6 +32,7 @@ class TrainConfig:
                            choices=("none", "linear", "sqrt"))
     lr_reference_batch: int = flag(64, "global batch size at which --lr applies unscaled")
     warmup_steps: int = flag(20, "linear learning-rate warm-up steps")
+    clip_norm: float = flag(1.0, "clip gradients to this global norm; 0 = no clipping")
     accum_steps: int = flag(1, "micro-batches accumulated per optimizer step on each rank")
     seed: int = flag(0, "random seed (weights, data order)")
     out_dir: str = flag("", "output folder (default runs/<recipe>)")
@@ -57,6 +58,8 @@ class TrainConfig:
         for name in ("steps", "global_batch_size", "lr_reference_batch", "accum_steps", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.clip_norm < 0:
+            raise ConfigError(f"--clip_norm must be >= 0, got {self.clip_norm}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         for name in ("warmup_steps", "checkpoint_every", "eval_every", "intra_op_threads", "mirrored_devices"):

@@ -1,11 +1,11 @@
 """The one module that talks to Horovod and tf.distribute.
 
 Two backends share one interface, so plans and the loop never ask which one runs:
-- `horovod` (default): one data-parallel replica per process, launched by `horovodrun`,
-  `mpirun` or `srun`; plain `python` gives one process. Gradients travel with Horovod's
-  fused ring all-reduce.
+- `horovod` (default): processes launched by `horovodrun`, `mpirun` or `srun` (plain `python`
+  gives one process), laid out on a data x tensor x pipeline `Mesh`; each axis of it is a
+  `Group` (a Horovod process set). Gradients travel with Horovod's fused ring all-reduce.
 - `mirrored`: `tf.distribute.MirroredStrategy` over the devices of one process (its GPUs,
-  or N logical CPU devices, which is how the tests run it).
+  or N logical CPU devices, which is how the tests run it); data parallelism only.
 
 A training step is written for one replica and its share of the global batch; it calls
 `sum_across_replicas` for the values that must be global. `run_step` runs it on every replica.
@@ -15,14 +15,62 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from common.errors import ConfigError, RecipeError
+from common.plans.mesh import AXES, Mesh
 
 Nest = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """Some of the processes (a Horovod process set) and this process's index among them.
+    Its collectives work in graph and eager mode; a group of one process does nothing."""
+
+    ranks: tuple[int, ...]
+    index: int
+    process_set: Any = None
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def sum(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+        """Element-wise sums over the group, in one fused all-reduce."""
+        if self.size == 1:
+            return list(tensors)
+        import horovod.tensorflow as hvd
+        return list(hvd.grouped_allreduce(list(tensors), op=hvd.Sum, process_set=self.process_set))
+
+    def max(self, tensor: tf.Tensor) -> tf.Tensor:
+        if self.size == 1:
+            return tensor
+        import horovod.tensorflow as hvd
+        return hvd.allreduce(tensor, op=hvd.Max, process_set=self.process_set)
+
+    def gather(self, tensor: tf.Tensor) -> tf.Tensor:
+        """The members' tensors concatenated along axis 0, in group order."""
+        if self.size == 1:
+            return tensor
+        import horovod.tensorflow as hvd
+        return hvd.allgather(tensor, process_set=self.process_set)
+
+    def broadcast_from_first(self, variables: Sequence[Any]) -> None:
+        """Give the group the values of its first member, in one collective over a flat
+        buffer (a sum to which the others add zeros: unambiguous for any process set)."""
+        if self.size == 1 or not variables:
+            return
+        flat = tf.concat([tf.reshape(tf.cast(v, tf.float64), [-1]) for v in variables], axis=0)
+        flat = self.sum([flat * (1.0 if self.index == 0 else 0.0)])[0]
+        offset = 0
+        for v in variables:
+            size = int(np.prod(v.shape))
+            v.assign(tf.cast(tf.reshape(flat[offset:offset + size], v.shape), v.dtype))
+            offset += size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +79,9 @@ class Dist:
     process_rank: int
     num_processes: int
     local_rank: int
-    num_replicas: int            # data-parallel replicas in the whole job
+    num_replicas: int                  # data-parallel replicas in the whole job
+    mesh: Mesh | None = None           # horovod: the process grid
+    groups: Mapping[str, Group] = dataclasses.field(default_factory=dict)  # horovod: this process's
     strategy: tf.distribute.Strategy | None = None
 
     @property
@@ -39,8 +89,18 @@ class Dist:
         return self.process_rank == 0
 
     @property
+    def coords(self) -> dict[str, int]:
+        """This process's place on the mesh (all zeros under mirrored)."""
+        return self.mesh.coords(self.process_rank) if self.mesh else dict.fromkeys(AXES, 0)
+
+    @property
+    def input_shards(self) -> int:
+        """Into how many shares the input stream is cut (one per data-parallel process)."""
+        return self.mesh.data if self.mesh else 1
+
+    @property
     def replicas_per_process(self) -> int:
-        return self.num_replicas // self.num_processes
+        return self.num_replicas // self.input_shards
 
     def scope(self):
         """Where models and optimizers are built (MirroredStrategy places variables there)."""
@@ -55,17 +115,19 @@ class Dist:
         with self.scope():
             yield
 
+    def group(self, axis: str) -> Group:
+        """This process's group along a mesh axis (a group of one under mirrored)."""
+        return self.groups.get(axis) or Group((self.process_rank,), 0)
+
     # ---------------------------------------------------------------- in-graph collectives
     def sum_across_replicas(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
-        """Element-wise sums over all replicas, in one fused collective; call inside a step."""
-        tensors = list(tensors)
+        """Element-wise sums over the data-parallel replicas, in one fused collective."""
         if self.num_replicas == 1:
-            return tensors
+            return list(tensors)
         if self.backend == "mirrored":
             context = tf.distribute.get_replica_context()
-            return list(context.all_reduce(tf.distribute.ReduceOp.SUM, tensors))
-        import horovod.tensorflow as hvd
-        return list(hvd.grouped_allreduce(tensors, op=hvd.Sum))
+            return list(context.all_reduce(tf.distribute.ReduceOp.SUM, list(tensors)))
+        return self.group("data").sum(tensors)
 
     def run_step(self, step_fn: Callable[[Nest], Nest], batch: Nest) -> Nest:
         """Run a per-replica step. `batch` is this process's share of the global batch;
@@ -84,27 +146,19 @@ class Dist:
         return tf.nest.map_structure(lambda v: self.strategy.experimental_local_results(v)[0], outputs)
 
     # ---------------------------------------------------------------- host-side helpers
-    def broadcast_variables(self, variables: Sequence[Any], root: int = 0) -> None:
-        """Give every process rank `root`'s values, in one collective over a flat buffer."""
-        if self.backend != "horovod" or self.num_processes == 1 or not variables:
-            return
-        import horovod.tensorflow as hvd
-        flat = tf.concat([tf.reshape(tf.cast(v, tf.float64), [-1]) for v in variables], axis=0)
-        flat = hvd.broadcast(flat, root_rank=root, name="broadcast_state")
-        offset = 0
-        for v in variables:
-            size = int(np.prod(v.shape))
-            v.assign(tf.cast(tf.reshape(flat[offset:offset + size], v.shape), v.dtype))
-            offset += size
-
     def broadcast_error(self, message: str | None) -> None:
         """Raise the chief's error on every process: for checks only the chief can make
         (it alone reads a checkpoint), so no other rank waits forever in a collective."""
-        if self.backend == "horovod" and self.num_processes > 1:
-            import horovod.tensorflow as hvd
-            message = hvd.broadcast_object(message, root_rank=0, name="chief_status")
+        message = self.broadcast_object(message)
         if message:
             raise RecipeError(message)
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """The chief's `obj` (picklable) on every process."""
+        if self.backend == "horovod" and self.num_processes > 1:
+            import horovod.tensorflow as hvd
+            return hvd.broadcast_object(obj, root_rank=0)
+        return obj
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every process's `obj`, in rank order, on every process (host-side, picklable)."""
@@ -117,6 +171,28 @@ class Dist:
         if self.backend == "horovod" and self.num_processes > 1:
             import horovod.tensorflow as hvd
             hvd.allreduce(tf.constant(0.0), op=hvd.Sum, name="barrier")
+
+    def with_mesh(self, mesh: Mesh) -> "Dist":
+        """Lay the processes out on `mesh`: one process set per group, created in the same
+        order on every rank (Horovod requires it). Call on every rank."""
+        if self.backend != "horovod":
+            if (mesh.tensor, mesh.pipeline) != (1, 1):
+                raise ConfigError("tensor and pipeline plans run on Horovod processes: "
+                                  "drop --backend=mirrored")
+            return self
+        import horovod.tensorflow as hvd
+        groups = {}
+        for axis in AXES:
+            for ranks in mesh.groups(axis):
+                if len(ranks) == self.num_processes:
+                    process_set = hvd.global_process_set
+                elif len(ranks) > 1:
+                    process_set = hvd.add_process_set(list(ranks))
+                else:
+                    process_set = None
+                if self.process_rank in ranks:
+                    groups[axis] = Group(ranks, ranks.index(self.process_rank), process_set)
+        return dataclasses.replace(self, mesh=mesh, groups=groups, num_replicas=mesh.data)
 
 
 def _configure_threads(intra_op_threads: int) -> None:
@@ -131,7 +207,7 @@ def _init_horovod() -> Dist:
     except ImportError as error:
         raise RecipeError(f"Horovod is not installed ({error}): run scripts/setup.sh, "
                           "or pass --backend=mirrored") from None
-    hvd.init()
+    hvd.init(process_sets="dynamic")
     # Horovod: pin one GPU per process, by local rank.
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
@@ -162,12 +238,13 @@ def _init_mirrored(requested_devices: int) -> Dist:
             cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
         devices = [f"/cpu:{i}" for i in range(count)]
     strategy = tf.distribute.MirroredStrategy(devices)
-    return Dist("mirrored", 0, 1, 0, count, strategy)
+    return Dist("mirrored", 0, 1, 0, count, strategy=strategy)
 
 
 def init(backend: str, *, seed: int, deterministic: bool, intra_op_threads: int = 0,
          mirrored_devices: int = 0) -> Dist:
-    """Start the backend; call once, before any other TensorFlow work."""
+    """Start the backend; call once, before any other TensorFlow work. Horovod processes
+    then need `with_mesh` before any collective."""
     _configure_threads(intra_op_threads)
     if deterministic:
         tf.config.experimental.enable_op_determinism()

@@ -13,8 +13,7 @@ from common import config as config_lib
 from common import dist as dist_lib
 from common.errors import ConfigError, RecipeError, exit_with
 from common.plans.data import per_replica_batch_size
-
-PLANS = ("data",)
+from common.plans.mesh import build_mesh, parse_plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,10 +33,10 @@ class Run:
 
 def start(config_cls: type[config_lib.TrainConfig], recipe: str, argv=None) -> Run:
     config = config_lib.parse_or_exit(config_cls, argv)
-    if config.plan not in PLANS:
-        raise ConfigError(f"--plan={config.plan} is not available; plans: {', '.join(PLANS)}")
+    plan = parse_plan(config.plan)  # before init: a bad plan fails without touching MPI
     dist = dist_lib.init(config.backend, seed=config.seed, deterministic=config.deterministic,
                          intra_op_threads=config.intra_op_threads, mirrored_devices=config.mirrored_devices)
+    dist = dist.with_mesh(build_mesh(plan, dist.num_processes))
     run = Run(config, dist, Path(config.out_dir or f"runs/{recipe}"),
               config.data_dir or os.environ.get("TFDS_DATA_DIR") or str(Path.home() / "tensorflow_datasets"))
     run.process_batch_size  # raises ConfigError when the global batch does not split evenly

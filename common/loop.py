@@ -16,9 +16,8 @@ import keras
 import tensorflow as tf
 from tqdm import tqdm
 
-from common import checkpoint
 from common.dist import Dist
-from common.plans.data import broadcast_initial_state
+from common.state import TrainingState
 
 
 @dataclasses.dataclass
@@ -32,6 +31,13 @@ class ChiefLog:
         if self.enabled:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._writer = tf.summary.create_file_writer(str(self.out_dir / "tb"))
+
+    def start_at(self, step: int) -> None:
+        """Drop lines past `step` (all of them on a fresh start): a resumed run rewrites them."""
+        path = self.out_dir / "metrics.jsonl"
+        if self.enabled and path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -49,31 +55,19 @@ class ChiefLog:
             (self.out_dir / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def restore_or_start(dist: Dist, model: keras.Model, optimizer, ckpt_dir: Path, resume: bool) -> int:
-    """Step to start from. The chief restores (when asked and a checkpoint exists), every
-    rank learns whether that failed, then rank 0's state is broadcast to all."""
-    with dist.scope():
-        optimizer.build(model.trainable_variables)
-    variables = list(model.variables) + list(optimizer.variables)
-    error = None
-    if dist.is_chief and resume and checkpoint.latest_step(ckpt_dir) is not None:
-        try:
-            checkpoint.restore(ckpt_dir, variables)
-        except Exception as failure:  # reported on every rank below
-            error = str(failure)
-    dist.broadcast_error(error)
-    broadcast_initial_state(dist, model, optimizer)
-    return int(optimizer.iterations.numpy())
-
-
 def train(config, dist: Dist, *, model: keras.Model, optimizer, train_step: Callable,
           make_batches: Callable[[int], Iterator], evaluate: Callable[[], dict[str, Any]],
-          export: Callable[[Path], None], out_dir: Path) -> dict[str, Any]:
+          export: Callable[[Path, dict], None], out_dir: Path) -> dict[str, Any]:
     """Train to `config.steps`; returns the summary written to summary.json."""
     log = ChiefLog(out_dir, dist.is_chief)
     log.write_json("config.json", {**config.to_dict(), "world_size": dist.num_replicas})
     ckpt_dir = out_dir / "checkpoints"
-    start = restore_or_start(dist, model, optimizer, ckpt_dir, config.resume)
+    with dist.scope():
+        optimizer.build(model.trainable_variables)
+    state = TrainingState(dist, model, optimizer)
+    state.restore_or_start(ckpt_dir, config.resume)
+    start = int(optimizer.iterations.numpy())
+    log.start_at(start)
     batches = make_batches(start)
     progress = tqdm(total=config.steps, initial=start, disable=not dist.is_chief, desc="train")
     window_start, window_steps, window_counts = time.perf_counter(), 0, []
@@ -98,22 +92,24 @@ def train(config, dist: Dist, *, model: keras.Model, optimizer, train_step: Call
                           "count": steady["count"] + count}
             first_window_done = True
             window_start, window_steps, window_counts = time.perf_counter(), 0, []
-        if config.checkpoint_every and done % config.checkpoint_every == 0 and dist.is_chief:
-            checkpoint.save(ckpt_dir, done, list(model.variables) + list(optimizer.variables))
+        if config.checkpoint_every and done % config.checkpoint_every == 0:
+            state.save(ckpt_dir, done)
         if config.eval_every and done % config.eval_every == 0 and done != config.steps:
             log.write({"step": done, **evaluate()})
         progress.update(1)
     progress.close()
-    if dist.is_chief and start < config.steps:
-        checkpoint.save(ckpt_dir, config.steps, list(model.variables) + list(optimizer.variables))
+    saved_last_step = config.checkpoint_every and config.steps % config.checkpoint_every == 0
+    if start < config.steps and not saved_last_step:
+        state.save(ckpt_dir, config.steps)
     results = evaluate()
     throughput = _throughput(config.global_batch_size, steady)
     summary = {"steps": config.steps, "world_size": dist.num_replicas, "final_loss": metrics.get("loss"),
                **throughput, **results}
     log.write({"step": config.steps, **results, **throughput, "kind": "final"})
     log.write_json("summary.json", summary)
+    arrays = state.full_arrays()
     if dist.is_chief:
-        export(out_dir)
+        export(out_dir, {name: arrays[name] for name in state.names[:len(model.variables)]})
     dist.barrier()
     return summary
 

@@ -42,6 +42,7 @@ def prepare_embedded(builder_cls, data_dir: str, **builder_kwargs) -> tfds.core.
     with file_lock(os.path.join(data_dir, f".{builder.name}-{config}.lock")):
         builder = builder_cls(data_dir=data_dir, **builder_kwargs)
         if not builder.is_prepared():
+            tfds.disable_progress_bar()  # every rank's bars would interleave in the job's log
             builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(try_download_gcs=False))
             builder = builder_cls(data_dir=data_dir, **builder_kwargs)

@@ -18,6 +18,7 @@ import tensorflow as tf
 from common.compression import NoCompression
 from common.dist import Dist
 from common.errors import ConfigError
+from common.plans.tensor import shard_axes
 
 # loss_sums(model, batch, training) -> (sum of per-item losses, number of items, metric sums)
 LossSums = Callable[[keras.Model, Any, bool], tuple[tf.Tensor, tf.Tensor, dict[str, tf.Tensor]]]
@@ -61,9 +62,16 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
                 "total_steps": self.total_steps, "final_fraction": self.final_fraction}
 
 
-def broadcast_initial_state(dist: Dist, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
-    """Horovod: start every rank from rank 0's weights and optimizer state (built already)."""
-    dist.broadcast_variables(list(model.variables) + list(optimizer.variables))
+def clip_by_global_norm(grads, max_norm: float, is_split: list[bool], dist: Dist):
+    """Scale gradients to a global norm of at most `max_norm`, where the norm is the one-process
+    model's: split weights' squares are summed over the tensor group, and every stage's over
+    the pipeline group (replicated weights count once)."""
+    def squares(flags):
+        return tf.add_n([tf.reduce_sum(tf.square(g)) for g, f in zip(grads, flags) if f] or [tf.constant(0.0)])
+    split_sq = dist.group("tensor").sum([squares(is_split)])[0]
+    total_sq = dist.group("pipeline").sum([split_sq + squares([not f for f in is_split])])[0]
+    scale = tf.minimum(1.0, max_norm / tf.maximum(tf.sqrt(total_sq), 1e-12))
+    return [g * scale for g in grads]
 
 
 def _accumulated_grads(model, loss_sums: LossSums, micro_batches, variables):
@@ -80,11 +88,13 @@ def _accumulated_grads(model, loss_sums: LossSums, micro_batches, variables):
 
 
 def make_train_step(dist: Dist, model: keras.Model, optimizer: keras.optimizers.Optimizer,
-                    loss_sums: LossSums, accum_steps: int = 1,
-                    compressor: NoCompression = NoCompression()) -> Callable[[Any], dict[str, tf.Tensor]]:
+                    loss_sums: LossSums, accum_steps: int = 1, compressor: NoCompression = NoCompression(),
+                    max_grad_norm: float = 0.0) -> Callable[[Any], dict[str, tf.Tensor]]:
     """A compiled step: local batch in, global metrics out ({"loss", "count", ...} averaged
-    over the global count, except "count" itself)."""
+    over the global count, except "count" itself). `max_grad_norm` > 0 clips the global norm."""
     variables = model.trainable_variables
+    split = shard_axes(model)
+    is_split = [id(v) in split for v in variables]
 
     def replica_step(batch):
         micro_batches = [tf.nest.map_structure(lambda t: tf.split(t, accum_steps)[i], batch)
@@ -94,8 +104,9 @@ def make_train_step(dist: Dist, model: keras.Model, optimizer: keras.optimizers.
         # The counts depend on the batch only, so this reduction overlaps the backward pass.
         global_sums = dict(zip(names, dist.sum_across_replicas([local_sums[k] for k in names])))
         scale = 1.0 / tf.maximum(global_sums["count"], 1.0)
-        wire = compressor.compress([g * tf.cast(scale, g.dtype) for g in grads])
-        grads = compressor.decompress(dist.sum_across_replicas(wire), grads)
+        grads = compressor.reduce([g * tf.cast(scale, g.dtype) for g in grads], dist)
+        if max_grad_norm:
+            grads = clip_by_global_norm(grads, max_grad_norm, is_split, dist)
         metrics = {k: v * scale for k, v in global_sums.items() if k != "count"}
         return grads, {**metrics, "count": global_sums["count"]}
 

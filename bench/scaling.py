@@ -1,0 +1,57 @@
+"""Data-parallel scaling of a recipe: 1 process vs N processes, measured in one run.
+
+    python bench/scaling.py --recipe=translate --processes=2 --steps=120
+
+Both runs use the same global batch and one intra-op thread per process, so on a host with
+N free cores the ideal ratio is N. Prints throughput (steady state: the first logging window,
+which includes tracing, is left out) and the efficiency N-process / (N x 1-process), and
+writes them as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.launchers import run_recipe  # noqa: E402  (the same launcher the tests use)
+
+
+def measure(recipe: str, launcher: str, processes: int, args: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as out_dir:
+        result = run_recipe(recipe, args, Path(out_dir), launcher=launcher, processes=processes)
+        if result.returncode:
+            raise SystemExit(f"{launcher} run failed:\n{result.output[-2000:]}")
+        summary = result.summary()
+    return {"launcher": launcher, "processes": processes,
+            "examples_per_sec": summary["steady_examples_per_sec"],
+            "tokens_per_sec": summary["steady_tokens_per_sec"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="translate")
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--log_every", type=int, default=20)
+    parser.add_argument("--out", default="bench/results/scaling.json")
+    parser.add_argument("recipe_args", nargs="*", help="extra recipe flags, after --")
+    options = parser.parse_args()
+    args = [f"--steps={options.steps}", f"--log_every={options.log_every}", "--checkpoint_every=0",
+            "--max_test=64", *options.recipe_args]
+    single = measure(options.recipe, "python", 1, args)
+    multi = measure(options.recipe, "horovodrun", options.processes, args)
+    ratio = multi["examples_per_sec"] / single["examples_per_sec"]
+    report = {"recipe": options.recipe, "single": single, "multi": multi, "throughput_ratio": ratio,
+              "scaling_efficiency": ratio / options.processes}
+    print(f"{options.recipe}: 1 process {single['examples_per_sec']:.1f} ex/s, "
+          f"{options.processes} processes {multi['examples_per_sec']:.1f} ex/s, "
+          f"ratio {ratio:.2f}, efficiency {ratio / options.processes:.2f}")
+    Path(options.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(options.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
