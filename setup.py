@@ -20,6 +20,7 @@ setup(
         "importlib-resources==7.1.0",
         "tensorboard==2.21.0",
         "sacrebleu==2.6.0",
+        "rouge-score==0.1.2",
         "sentencepiece==0.2.3",
         "tqdm==4.70.1",
         # horovodrun's own runtime dependencies (Horovod is installed with --no-deps).

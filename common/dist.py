@@ -83,6 +83,7 @@ class Dist:
     mesh: Mesh | None = None           # horovod: the process grid
     groups: Mapping[str, Group] = dataclasses.field(default_factory=dict)  # horovod: this process's
     strategy: tf.distribute.Strategy | None = None
+    _pending_sends: list = dataclasses.field(default_factory=list)
 
     @property
     def is_chief(self) -> bool:
@@ -172,6 +173,25 @@ class Dist:
             import horovod.tensorflow as hvd
             hvd.allreduce(tf.constant(0.0), op=hvd.Sum, name="barrier")
 
+    # ---------------------------------------------------------------- point-to-point (mpi4py)
+    def send(self, array: np.ndarray, dest: int, tag: int) -> None:
+        """Start sending `array` to process `dest`; `wait_sends` completes it. Non-blocking, so
+        two stages that send to each other before receiving cannot deadlock."""
+        from mpi4py import MPI
+        array = np.ascontiguousarray(array)
+        self._pending_sends.append((MPI.COMM_WORLD.Isend(array, dest=dest, tag=tag), array))
+
+    def receive(self, shape, source: int, tag: int, dtype=np.float32) -> np.ndarray:
+        from mpi4py import MPI
+        buffer = np.empty(shape, dtype)
+        MPI.COMM_WORLD.Recv(buffer, source=source, tag=tag)
+        return buffer
+
+    def wait_sends(self) -> None:
+        from mpi4py import MPI
+        MPI.Request.Waitall([request for request, _ in self._pending_sends])
+        self._pending_sends.clear()
+
     def with_mesh(self, mesh: Mesh) -> "Dist":
         """Lay the processes out on `mesh`: one process set per group, created in the same
         order on every rank (Horovod requires it). Call on every rank."""
@@ -181,6 +201,9 @@ class Dist:
                                   "drop --backend=mirrored")
             return self
         import horovod.tensorflow as hvd
+        if mesh.pipeline > 1 and not hvd.mpi_enabled():
+            raise ConfigError("pipeline plans send activations over MPI: launch with mpirun or "
+                              "horovodrun without --gloo")
         groups = {}
         for axis in AXES:
             for ranks in mesh.groups(axis):

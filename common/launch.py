@@ -13,15 +13,23 @@ from common import config as config_lib
 from common import dist as dist_lib
 from common.errors import ConfigError, RecipeError, exit_with
 from common.plans.data import per_replica_batch_size
-from common.plans.mesh import build_mesh, parse_plan
+from common.plans.mesh import Plan, build_mesh, check_divisible, parse_plan
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
     config: config_lib.TrainConfig
     dist: dist_lib.Dist
+    plan: Plan
     out_dir: Path
     data_dir: str
+
+    def check_model_fits(self, *, layers: int, heads: int | None = None, ff_dim: int | None = None,
+                         vocab_size: int | None = None) -> None:
+        """ConfigError, on every rank and before any collective, if the plan cannot split the model."""
+        if self.dist.mesh:
+            check_divisible(self.plan, self.dist.mesh, global_batch_size=self.config.global_batch_size,
+                            layers=layers, heads=heads, ff_dim=ff_dim, vocab_size=vocab_size)
 
     @property
     def process_batch_size(self) -> int:
@@ -37,7 +45,7 @@ def start(config_cls: type[config_lib.TrainConfig], recipe: str, argv=None) -> R
     dist = dist_lib.init(config.backend, seed=config.seed, deterministic=config.deterministic,
                          intra_op_threads=config.intra_op_threads, mirrored_devices=config.mirrored_devices)
     dist = dist.with_mesh(build_mesh(plan, dist.num_processes))
-    run = Run(config, dist, Path(config.out_dir or f"runs/{recipe}"),
+    run = Run(config, dist, plan, Path(config.out_dir or f"runs/{recipe}"),
               config.data_dir or os.environ.get("TFDS_DATA_DIR") or str(Path.home() / "tensorflow_datasets"))
     run.process_batch_size  # raises ConfigError when the global batch does not split evenly
     return run

@@ -38,6 +38,11 @@ from common.plans.data import WarmupCosine, make_train_step, scaled_lr
 from common.state import variable_names
 
 
+# The embedding and output rows are padded to this multiple, the same for every plan, so that
+# any tensor degree dividing it splits the vocabulary evenly (padding ids never occur).
+VOCAB_MULTIPLE = 64
+
+
 @dataclasses.dataclass(frozen=True)
 class TranslateConfig(TrainConfig):
     steps: int = flag(1600, "optimizer steps to train")
@@ -69,7 +74,8 @@ class TranslateConfig(TrainConfig):
 
 def model_size(cfg: TranslateConfig, vocab_size: int) -> TransformerSize:
     dropout = 0.0 if cfg.deterministic else cfg.dropout  # masks depend on how the batch is split
-    return TransformerSize(vocab_size, cfg.max_len, cfg.d_model, cfg.heads, cfg.layers, cfg.ff_dim, dropout)
+    padded_vocab = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    return TransformerSize(padded_vocab, cfg.max_len, cfg.d_model, cfg.heads, cfg.layers, cfg.ff_dim, dropout)
 
 
 def evaluate(run, data, decoder: GreedyDecoder, max_test: int) -> dict:
@@ -107,8 +113,10 @@ def main():
     cfg, dist = run.config, run.dist
     data = load_translation(data_dir=run.data_dir, dataset=cfg.dataset or None, debug=cfg.debug,
                             max_len=cfg.max_len, vocab_size=cfg.vocab_size, source_path=cfg.freedict_file)
+    size = model_size(cfg, data.tokenizer.vocab_size)
+    run.check_model_fits(layers=size.layers, heads=size.heads, ff_dim=size.ff_dim, vocab_size=size.vocab_size)
     with dist.model_scope(cfg.seed):
-        model = build_transformer(model_size(cfg, data.tokenizer.vocab_size), dist.group("tensor"))
+        model = build_transformer(size, dist.group("tensor"))
         peak = scaled_lr(cfg.lr, cfg.global_batch_size, cfg.lr_reference_batch, cfg.lr_scaling)
         optimizer = keras.optimizers.Adam(WarmupCosine(peak, cfg.warmup_steps, cfg.steps))
     decoder = GreedyDecoder(model, data.tokenizer.bos_id, data.tokenizer.eos_id)

@@ -83,12 +83,13 @@ class SubwordTokenizer:
         return self._processor.encode(list(texts), out_type=int)
 
     def decode(self, ids: list[int]) -> str:
-        """Text of `ids` up to the first eos; pad and bos ids are ignored."""
+        """Text of `ids` up to the first eos; pad and bos ids are ignored, and so are ids past
+        the vocabulary (models pad their embedding rows to a round number)."""
         kept = []
         for token in ids:
             token = int(token)
             if token == EOS_ID:
                 break
-            if token not in (PAD_ID, BOS_ID):
+            if token not in (PAD_ID, BOS_ID) and token < self.vocab_size:
                 kept.append(token)
         return self._processor.decode(kept)

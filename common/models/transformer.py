@@ -140,3 +140,69 @@ class GreedyDecoder:
             if (outputs[:, :t + 1] == self.eos).any(axis=1).all():
                 break
         return [list(row[:list(row).index(self.eos)]) if self.eos in row else list(row) for row in outputs]
+
+
+# ------------------------------------------------------------------ decoder-only (prefix) LM
+class CausalLM(keras.Model):
+    """A decoder-only Transformer over [document; summary]: attention is causal over the whole
+    sequence, the loss covers the summary tokens only. Its blocks are what pipeline stages cut."""
+
+    first = last = True
+
+    def __init__(self, size: TransformerSize, group: Group, source_len: int, **kwargs):
+        super().__init__(**kwargs)
+        self.size, self.group, self.source_len = size, group, source_len
+        self.embedding = VocabParallelEmbedding(size.vocab_size, size.width, group, name="embedding")
+        self.positions = keras.layers.Embedding(size.max_len, size.width, name="positions")
+        self.blocks = [Block(size, group, cross=False, name=f"block_{i}") for i in range(size.layers)]
+        self.final_norm = keras.layers.LayerNormalization(epsilon=1e-6, name="final_norm")
+        self.logits = ColumnParallelDense(size.vocab_size, group, name="logits")
+        self.drop = keras.layers.Dropout(size.dropout)
+
+    def call(self, ids, training=False):
+        return lm_forward(self, ids, None, training)
+
+
+class LMStage(keras.Model):
+    """Consecutive blocks of a CausalLM, plus the embedding on the first stage and the output
+    head on the last. It shares the LM's layers, so weight paths stay the LM's."""
+
+    def __init__(self, lm: CausalLM, blocks: range, first: bool, last: bool, **kwargs):
+        super().__init__(**kwargs)
+        self.size, self.group, self.source_len = lm.size, lm.group, lm.source_len
+        self.first, self.last = first, last
+        self.embedding, self.positions, self.drop = (lm.embedding, lm.positions, lm.drop) if first else (None,) * 3
+        self.final_norm, self.logits = (lm.final_norm, lm.logits) if last else (None, None)
+        self.blocks = [lm.blocks[i] for i in blocks]
+
+    def call(self, ids, x=None, training=False):
+        return lm_forward(self, ids, x, training)
+
+
+def lm_forward(part, ids, x, training):
+    """Run a CausalLM or one stage of it. `ids` is the whole token sequence (every stage needs
+    it for the mask); `x` the previous stage's activations (None on the first stage). Returns
+    activations, or on the last stage the logits of the summary positions."""
+    if part.first:
+        positions = part.positions(tf.range(tf.shape(ids)[1]))[None]
+        x = part.drop(part.embedding(ids) * (part.size.width ** 0.5) + positions, training=training)
+    mask = padding_mask(ids, ids, causal=True)
+    for block in part.blocks:
+        x = block(x, mask, training=training)
+    if part.last:
+        x = part.logits(part.final_norm(x[:, part.source_len:]))
+    return x
+
+
+def lm_sequence(batch):
+    """(ids, labels): the model reads [source; target without its last token] and, from the
+    target's bos on, predicts the target's tokens."""
+    source, target = batch
+    return tf.concat([source, target[:, :-1]], axis=1), target[:, 1:]
+
+
+def lm_loss_sums(logits, labels, group: Group):
+    """Summed token cross-entropy and correct tokens over the non-padding summary tokens."""
+    losses, correct = vocab_parallel_cross_entropy(logits, labels, group)
+    weights = tf.cast(labels != 0, tf.float32)
+    return tf.reduce_sum(losses * weights), tf.reduce_sum(weights), {"token_accuracy": tf.reduce_sum(correct * weights)}

@@ -122,7 +122,10 @@ def corrupted_checkpoint(reference, tmp_path):
     (["--freedict_file=/nonexistent/freedict-eng-deu.dict.dz"], "install the Debian package dict-freedict-eng-deu"),
     (["--dataset=wmt14_translate/de-en", "--data_dir={empty}"], "is not prepared"),
     ([corrupted_checkpoint], "is corrupt"),
-], ids=["unknown-flag", "batch-not-divisible", "missing-package", "unprepared-tfds", "corrupt-checkpoint"])
+    (["--plan=tensor=3"], "needs a multiple of 3 processes"),
+    (["--plan=tensor=2", "--heads=3", "--d_model=48"], "heads"),
+], ids=["unknown-flag", "batch-not-divisible", "missing-package", "unprepared-tfds", "corrupt-checkpoint",
+        "plan-does-not-fit", "heads-do-not-split"])
 def test_bad_input_fails_fast_on_every_rank(args, message, reference, data_dir, tmp_path):
     empty = tmp_path / "empty_tfds"
     empty.mkdir()
