@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import resource
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import keras
+import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
@@ -104,7 +106,8 @@ def train(config, dist: Dist, *, model: keras.Model, optimizer, train_step: Call
     results = evaluate()
     throughput = _throughput(config.global_batch_size, steady)
     summary = {"steps": config.steps, "world_size": dist.num_replicas, "final_loss": metrics.get("loss"),
-               **throughput, **results}
+               "parameters_on_chief": sum(int(np.prod(v.shape)) for v in model.trainable_variables),
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **throughput, **results}
     log.write({"step": config.steps, **results, **throughput, "kind": "final"})
     log.write_json("summary.json", summary)
     arrays = state.full_arrays()

@@ -31,7 +31,7 @@ from common.metrics import rouge
 from common.models.transformer import (CausalLM, LMStage, TransformerSize, lm_forward, lm_loss_sums, lm_sequence)
 from common.plans.data import WarmupCosine, make_train_step, scaled_lr
 from common.plans.mesh import split_layers
-from common.plans.pipeline import PipelineRunner, Stage, make_pipeline_train_step
+from common.plans.pipeline import PipelineRunner, Stage, activation_bytes, make_pipeline_train_step
 from common.plans.tensor import shard_axes, vocab_parallel_argmax
 
 VOCAB_MULTIPLE = 64  # as in translate.py: every tensor degree dividing it splits the vocabulary
@@ -142,7 +142,11 @@ def evaluate(run, data, model, runner, max_test: int) -> dict:
     hypotheses, references = unshard_rows(shares), data.test_tgt_text[:count]
     samples = [{"document": d[:300], "reference": r, "summary": h}
                for d, r, h in zip(data.test_src_text, references, hypotheses)]
-    return {**rouge(hypotheses, references), "test_documents": count, "samples": samples[:10]}
+    memory = {} if runner is None else {
+        "pipeline_peak_in_flight": runner.peak_in_flight,
+        "activation_bytes_per_microbatch": activation_bytes(
+            (run.process_batch_size // run.plan.microbatches, model.size.max_len, model.size.width))}
+    return {**rouge(hypotheses, references), "test_documents": count, "samples": samples[:10], **memory}
 
 
 @launch.guarded

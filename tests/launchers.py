@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -59,3 +61,19 @@ def run_recipe(recipe: str, args: list[str], out_dir: Path, *, launcher: str = "
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
     return Result(done.returncode, done.stdout + done.stderr, time.perf_counter() - start, out_dir)
+
+
+def final_weights(result):
+    with np.load(sorted((result.out_dir / "checkpoints").glob("ckpt-*.npz"))[-1]) as stored:
+        return {name: stored[name] for name in stored.files}
+
+
+def assert_same_training(result, reference):
+    assert result.returncode == 0, result.output[-3000:]
+    losses, expected = np.array(result.losses()), np.array(reference.losses())
+    assert len(losses) == len(expected) == 20
+    np.testing.assert_allclose(losses, expected, rtol=1e-4)
+    weights, expected_weights = final_weights(result), final_weights(reference)
+    assert sorted(weights) == sorted(expected_weights)
+    for name, value in weights.items():
+        np.testing.assert_allclose(value, expected_weights[name], rtol=1e-4, atol=1e-5, err_msg=name)

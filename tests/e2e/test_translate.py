@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.launchers import run_recipe
+from tests.launchers import assert_same_training, run_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -26,22 +26,6 @@ def reference(data_dir, tmp_path_factory):
                         tmp_path_factory.mktemp("single"), launcher="python")
     assert result.returncode == 0, result.output[-3000:]
     return result
-
-
-def final_weights(result):
-    with np.load(sorted((result.out_dir / "checkpoints").glob("ckpt-*.npz"))[-1]) as stored:
-        return {name: stored[name] for name in stored.files}
-
-
-def assert_same_training(result, reference):
-    assert result.returncode == 0, result.output[-3000:]
-    losses, expected = np.array(result.losses()), np.array(reference.losses())
-    assert len(losses) == len(expected) == 20
-    np.testing.assert_allclose(losses, expected, rtol=1e-4)
-    weights, expected_weights = final_weights(result), final_weights(reference)
-    assert sorted(weights) == sorted(expected_weights)
-    for name, value in weights.items():
-        np.testing.assert_allclose(value, expected_weights[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 @pytest.mark.parametrize("launcher, processes, extra, replicas", [
