@@ -1,34 +1,220 @@
 """Gradient compression: a compressor owns how (already normalised) gradients cross the wire.
 
-`reduce(grads, dist)` returns the sum over replicas of `grads`, computed through whatever
-smaller representation the compressor sends. Gradients arrive divided by the global weight
-count (mean-sized), so narrower float types stay in range.
+`reduce(grads, dist)` returns the sum over data-parallel replicas of `grads`, computed through
+whatever smaller representation the compressor sends; every replica gets the same result.
+Gradients arrive divided by the global weight count (mean-sized), so narrower float types stay
+in range. Select one with `make_compressor(spec)`, spec as `--compression` takes it:
+
+    none           float32 all-reduce
+    fp16           float16 all-reduce
+    bf16           bfloat16 all-gather, summed in float32 (Horovod 0.28.1's all-reduce
+                   rejects bfloat16, its all-gather moves the bits as int16)
+    topk:F         the fraction F of each tensor's entries largest in magnitude, with error feedback
+    powersgd:R     rank-R PowerSGD (Vogels et al. 2019) of every matrix, with error feedback
+
+Stateful compressors (top-k, PowerSGD) keep their state in variables that `build` creates
+before the first compiled step. `wire_bytes(shapes)` is what one replica contributes to the
+collectives per step, to compare with `float32_bytes(shapes)` (the uncompressed all-reduce).
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
+import numpy as np
 import tensorflow as tf
 
+from common.errors import ConfigError
 
-class NoCompression:
-    """Full-precision sum in one fused all-reduce."""
+Shape = Sequence[int]
+SPEC_HELP = "none, fp16, bf16, topk:F (0 < F < 1, e.g. topk:0.01) or powersgd:R (R >= 1, e.g. powersgd:4)"
+
+
+def float32_bytes(shapes: Sequence[Shape]) -> int:
+    """Bytes of the gradients as one uncompressed float32 all-reduce."""
+    return 4 * sum(_size(shape) for shape in shapes)
+
+
+def _size(shape: Shape) -> int:
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def _flatten(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+    return tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
+
+
+def _unflatten(flat: tf.Tensor, like: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    parts = tf.split(flat, [_size(t.shape) for t in like])
+    return [tf.reshape(part, t.shape) for part, t in zip(parts, like)]
+
+
+class Compressor:
+    """Full-precision sum in one fused all-reduce (`--compression=none`)."""
+
+    spec = "none"
+    needs_horovod = False  # gathers or per-replica state: MirroredStrategy replicas share one process
+
+    def build(self, variables: Sequence[tf.Variable], dist) -> None:
+        """Check the backend and create any state; call once, outside tf.function."""
+        if self.needs_horovod and dist.backend != "horovod":
+            raise ConfigError(f"--compression={self.spec} needs --backend=horovod")
 
     def reduce(self, grads: Sequence[tf.Tensor], dist) -> list[tf.Tensor]:
         return dist.sum_across_replicas(grads)
 
+    def wire_bytes(self, shapes: Sequence[Shape]) -> int:
+        return float32_bytes(shapes)
 
-class CastCompression(NoCompression):
+
+class CastCompression(Compressor):
     """Send floating-point gradients in a narrower float type, sum, cast back."""
 
     def __init__(self, wire_dtype: tf.DType):
         self.wire_dtype = wire_dtype
+        self.spec = {tf.float16: "fp16", tf.bfloat16: "bf16"}[wire_dtype]
 
     def reduce(self, grads, dist):
         wire = [tf.cast(g, self.wire_dtype) for g in grads]
         return [tf.cast(s, g.dtype) for s, g in zip(dist.sum_across_replicas(wire), grads)]
 
+    def wire_bytes(self, shapes):
+        return float32_bytes(shapes) * self.wire_dtype.size // 4
 
-def make_compressor(name: str) -> NoCompression:
-    compressors = {"none": NoCompression(), "fp16": CastCompression(tf.float16)}
-    return compressors[name]
+
+class Bfloat16Compression(CastCompression):
+    """bfloat16 on the wire. Horovod's all-reduce does not take bfloat16, so every replica's
+    gradients are all-gathered as their bit patterns and summed in float32 in replica order
+    (the same bits on every rank). The gather receives (N-1)/N x 2 bytes per entry more than a
+    ring all-reduce as N grows: prefer fp16 for many replicas."""
+
+    needs_horovod = True
+
+    def __init__(self):
+        super().__init__(tf.bfloat16)
+
+    def reduce(self, grads, dist):
+        bits = tf.bitcast(tf.cast(_flatten(grads), tf.bfloat16), tf.int16)
+        gathered = tf.cast(tf.bitcast(dist.gather_across_replicas(bits), tf.bfloat16), tf.float32)
+        total = tf.add_n(tf.unstack(gathered, num=dist.num_replicas))
+        return [tf.cast(s, g.dtype) for s, g in zip(_unflatten(total, grads), grads)]
+
+
+class _ErrorFeedback(Compressor):
+    """State shared by the lossy compressors: what a replica did not send of a tensor (its
+    residual) is added to that tensor's next gradient, so nothing is lost, only delayed."""
+
+    needs_horovod = True
+    residuals: list[tf.Variable] | None = None
+
+    def build(self, variables, dist):
+        super().build(variables, dist)
+        self.residuals = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="residual")
+                          for v in variables]
+
+    def corrected(self, grads) -> list[tf.Tensor]:
+        if self.residuals is None:
+            raise ConfigError(f"--compression={self.spec} keeps state that this plan does not build: "
+                              "use --compression=none, fp16 or bf16")
+        return [g + r for g, r in zip(grads, self.residuals)]
+
+
+class TopKCompression(_ErrorFeedback):
+    """Each replica sends the entries of each tensor largest in magnitude, a fixed count per
+    tensor, as (index, value) pairs in one all-gather of indices and one of values; the sum is
+    scattered back in replica order, so every rank gets the same bits."""
+
+    def __init__(self, fraction: float):
+        self.fraction = fraction
+        self.spec = f"topk:{fraction:g}"
+
+    def kept(self, shape: Shape) -> int:
+        return max(1, math.ceil(self.fraction * _size(shape)))
+
+    def reduce(self, grads, dist):
+        flats = [tf.reshape(c, [-1]) for c in self.corrected(grads)]
+        sizes = [_size(f.shape) for f in flats]
+        picked = [tf.math.top_k(tf.abs(f), self.kept(f.shape)).indices for f in flats]
+        values = [tf.gather(f, i) for f, i in zip(flats, picked)]
+        for residual, flat, indices in zip(self.residuals, flats, picked):
+            unsent = tf.tensor_scatter_nd_update(flat, indices[:, tf.newaxis], tf.zeros_like(indices, flat.dtype))
+            residual.assign(tf.reshape(unsent, residual.shape))
+        offsets = np.cumsum([0] + sizes[:-1])  # indices into all tensors flattened end to end
+        all_indices = dist.gather_across_replicas(tf.concat([i + o for i, o in zip(picked, offsets)], 0))
+        all_values = dist.gather_across_replicas(tf.concat(values, 0))
+        # Adds in the order gathered (replica by replica): the same bits on every rank.
+        total = tf.math.unsorted_segment_sum(tf.reshape(all_values, [-1]), tf.reshape(all_indices, [-1]), sum(sizes))
+        return _unflatten(total, grads)
+
+    def wire_bytes(self, shapes):
+        return 8 * sum(self.kept(shape) for shape in shapes)  # an int32 index and a float32 value each
+
+
+class PowerSGDCompression(_ErrorFeedback):
+    """Rank-R PowerSGD: each matrix M (the gradient plus residual, as 2-D) is sent as
+    P = M Q, summed, orthonormalised, then Q = M^T P, summed; the sum of the replicas' M is
+    about P Q^T. Q is kept from the previous step (warm start), so one power iteration per
+    step tracks the gradient's leading subspace. Tensors too small to gain (vectors, tiny
+    matrices) ride uncompressed in the first all-reduce. Two all-reduces per step."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.spec = f"powersgd:{rank}"
+        self.queries: list[tf.Variable | None] = []
+
+    def matrix_view(self, shape: Shape) -> tuple[int, int] | None:
+        """The squarest 2-D view of `shape` if rank-R factors of it are smaller, else None."""
+        if len(shape) < 2:
+            return None
+        rows, cols = min(((_size(shape[:i]), _size(shape[i:])) for i in range(1, len(shape))), key=sum)
+        worth_it = self.rank < min(rows, cols) and (rows + cols) * self.rank < rows * cols
+        return (rows, cols) if worth_it else None
+
+    def build(self, variables, dist):
+        super().build(variables, dist)
+        views = [self.matrix_view(v.shape) for v in variables]
+        self.queries = [None if view is None else self._initial_query(index, view[1], v.dtype)
+                        for index, (v, view) in enumerate(zip(variables, views))]
+
+    def _initial_query(self, index: int, cols: int, dtype) -> tf.Variable:
+        """Random, seeded by the tensor's index: every replica starts from the same Q with no
+        collective, and reruns start from the same Q (deterministic runs stay deterministic)."""
+        start = np.random.default_rng(index).standard_normal((cols, self.rank))
+        return tf.Variable(tf.constant(start, dtype), trainable=False, name="powersgd_q")
+
+    def reduce(self, grads, dist):
+        corrected = self.corrected(grads)
+        compressed = [i for i, q in enumerate(self.queries) if q is not None]
+        plain = [i for i, q in enumerate(self.queries) if q is None]
+        matrices = {i: tf.reshape(corrected[i], [-1, self.queries[i].shape[0]]) for i in compressed}
+        summed = dist.sum_across_replicas([matrices[i] @ self.queries[i] for i in compressed]
+                                          + [corrected[i] for i in plain])
+        bases = [tf.linalg.qr(p)[0] for p in summed[:len(compressed)]]
+        queries = dist.sum_across_replicas([tf.transpose(matrices[i]) @ p for i, p in zip(compressed, bases)])
+        results = dict(zip(plain, summed[len(compressed):]))
+        for i, p, q in zip(compressed, bases, queries):
+            approx = p @ tf.transpose(q)
+            # This replica's share of what was not sent: the residuals sum to sum(M) - P Q^T.
+            self.residuals[i].assign(tf.reshape(matrices[i] - approx / dist.num_replicas, grads[i].shape))
+            self.queries[i].assign(q)
+            results[i] = tf.reshape(approx, grads[i].shape)
+        return [results[i] for i in range(len(grads))]
+
+    def wire_bytes(self, shapes):
+        views = [(shape, self.matrix_view(shape)) for shape in shapes]
+        return 4 * sum(_size(shape) if view is None else sum(view) * self.rank for shape, view in views)
+
+
+def make_compressor(spec: str) -> Compressor:
+    """The compressor `--compression=spec` names (see the module docstring); ConfigError if none."""
+    name, _, arg = spec.partition(":")
+    stateless = {"none": Compressor, "fp16": lambda: CastCompression(tf.float16), "bf16": Bfloat16Compression}
+    try:
+        if name in stateless and not arg:
+            return stateless[name]()
+        if name == "topk" and 0 < float(arg) < 1:
+            return TopKCompression(float(arg))
+        if name == "powersgd" and int(arg) >= 1:
+            return PowerSGDCompression(int(arg))
+    except ValueError:
+        pass
+    raise ConfigError(f"--compression must be {SPEC_HELP}, got {spec!r}")

@@ -22,55 +22,36 @@ import tensorflow as tf
 
 from common import launch
 from common.compression import make_compressor
-from common.config import TrainConfig, flag
+from common.config import flag
 from common.data.pipeline import shard_rows, sharded_batches, unshard_rows
 from common.data.summarization import load_summarization
 from common.errors import ConfigError
 from common.loop import train
 from common.metrics import rouge
-from common.models.transformer import (CausalLM, LMStage, TransformerSize, lm_forward, lm_loss_sums, lm_sequence)
+from common.models.transformer import (CausalLM, LMStage, TransformerConfig, TransformerSize, lm_forward,
+                                       lm_loss_sums, lm_sequence)
 from common.plans.data import WarmupCosine, make_train_step, scaled_lr
 from common.plans.mesh import split_layers
 from common.plans.pipeline import PipelineRunner, Stage, activation_bytes, make_pipeline_train_step
 from common.plans.tensor import shard_axes, vocab_parallel_argmax
 
-VOCAB_MULTIPLE = 64  # as in translate.py: every tensor degree dividing it splits the vocabulary
-
-
 @dataclasses.dataclass(frozen=True)
-class SummarizeConfig(TrainConfig):
+class SummarizeConfig(TransformerConfig):
     steps: int = flag(1500, "optimizer steps to train")
     global_batch_size: int = flag(32, "document/summary pairs per optimizer step, over all ranks")
     lr: float = flag(1e-3, "peak learning rate")
     warmup_steps: int = flag(100, "linear learning-rate warm-up steps")
     log_every: int = flag(50, "steps between metrics lines")
     checkpoint_every: int = flag(500, "steps between checkpoints; 0 = only at the end")
-    vocab_size: int = flag(4000, "subword vocabulary size")
+    layers: int = flag(4, "Transformer blocks (what pipeline stages divide)")
     source_len: int = flag(96, "document length in subword tokens (longer documents are cut)")
     summary_len: int = flag(24, "summary length in subword tokens (longer training pairs are dropped)")
-    d_model: int = flag(128, "model width")
-    heads: int = flag(4, "attention heads")
-    layers: int = flag(4, "Transformer blocks (what pipeline stages divide)")
-    ff_dim: int = flag(512, "feed-forward width")
-    dropout: float = flag(0.1, "dropout rate (0 under --deterministic)")
     max_test: int = flag(200, "held-out documents summarised for ROUGE; 0 = all")
     samples: int = flag(3, "sample summaries printed at the end")
 
     DEBUG = {"steps": 20, "global_batch_size": 16, "log_every": 1, "checkpoint_every": 10, "warmup_steps": 5,
              "vocab_size": 500, "source_len": 32, "summary_len": 12, "d_model": 32, "heads": 2, "layers": 2,
              "ff_dim": 64, "max_test": 32, "samples": 2}
-
-    def validate(self):
-        super().validate()
-        if self.d_model % self.heads:
-            raise ConfigError(f"--d_model={self.d_model} must be a multiple of --heads={self.heads}")
-
-
-def model_size(cfg: SummarizeConfig, vocab_size: int) -> TransformerSize:
-    dropout = 0.0 if cfg.deterministic else cfg.dropout  # masks depend on how the batch is split
-    padded_vocab = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    return TransformerSize(padded_vocab, cfg.source_len + cfg.summary_len, cfg.d_model, cfg.heads,
-                           cfg.layers, cfg.ff_dim, dropout)
 
 
 def build_model(run, size: TransformerSize):
@@ -155,7 +136,7 @@ def main():
     cfg, dist = run.config, run.dist
     data = load_summarization(data_dir=run.data_dir, dataset=cfg.dataset or None, debug=cfg.debug,
                               max_src_len=cfg.source_len, max_tgt_len=cfg.summary_len, vocab_size=cfg.vocab_size)
-    size = model_size(cfg, data.tokenizer.vocab_size)
+    size = cfg.transformer_size(data.tokenizer.vocab_size, cfg.source_len + cfg.summary_len)
     run.check_model_fits(layers=size.layers, heads=size.heads, ff_dim=size.ff_dim, vocab_size=size.vocab_size)
     with dist.model_scope(cfg.seed):
         model = build_model(run, size)

@@ -23,28 +23,22 @@ import numpy as np
 
 from common import launch
 from common.compression import make_compressor
-from common.config import TrainConfig, flag
+from common.config import flag
 from common.data.freedict import DEFAULT_SOURCE
 from common.data.pipeline import shard_rows, sharded_batches, unshard_rows
 from common.data.subword import SubwordTokenizer
 from common.data.translation import load_translation
 from common.dist import Group
-from common.errors import ConfigError
 from common.loop import train
 from common.metrics import bleu
-from common.models.transformer import (GreedyDecoder, Seq2SeqTransformer, TransformerSize, build_transformer,
+from common.models.transformer import (GreedyDecoder, Seq2SeqTransformer, TransformerConfig, build_transformer,
                                        loss_sums)
 from common.plans.data import WarmupCosine, make_train_step, scaled_lr
 from common.state import variable_names
 
 
-# The embedding and output rows are padded to this multiple, the same for every plan, so that
-# any tensor degree dividing it splits the vocabulary evenly (padding ids never occur).
-VOCAB_MULTIPLE = 64
-
-
 @dataclasses.dataclass(frozen=True)
-class TranslateConfig(TrainConfig):
+class TranslateConfig(TransformerConfig):
     steps: int = flag(1600, "optimizer steps to train")
     global_batch_size: int = flag(128, "sentence pairs per optimizer step, over all ranks")
     lr: float = flag(2e-3, "peak learning rate")
@@ -52,12 +46,8 @@ class TranslateConfig(TrainConfig):
     log_every: int = flag(50, "steps between metrics lines")
     checkpoint_every: int = flag(500, "steps between checkpoints; 0 = only at the end")
     vocab_size: int = flag(4000, "joint English+German subword vocabulary size")
-    max_len: int = flag(16, "longest sentence in subword tokens (longer training pairs are dropped)")
-    d_model: int = flag(128, "model width")
-    heads: int = flag(4, "attention heads")
     layers: int = flag(2, "encoder layers (and as many decoder layers)")
-    ff_dim: int = flag(512, "feed-forward width")
-    dropout: float = flag(0.1, "dropout rate (0 under --deterministic)")
+    max_len: int = flag(16, "longest sentence in subword tokens (longer training pairs are dropped)")
     max_test: int = flag(1000, "held-out sentences translated for BLEU; 0 = all")
     samples: int = flag(5, "sample translations printed at the end")
     freedict_file: str = flag(DEFAULT_SOURCE, "the FreeDict dictionary the embedded data is made from")
@@ -65,17 +55,6 @@ class TranslateConfig(TrainConfig):
     DEBUG = {"steps": 20, "global_batch_size": 16, "log_every": 1, "checkpoint_every": 10,
              "warmup_steps": 5, "vocab_size": 500, "max_len": 16, "d_model": 32, "heads": 2,
              "layers": 1, "ff_dim": 64, "max_test": 64, "samples": 3}
-
-    def validate(self):
-        super().validate()
-        if self.d_model % self.heads:
-            raise ConfigError(f"--d_model={self.d_model} must be a multiple of --heads={self.heads}")
-
-
-def model_size(cfg: TranslateConfig, vocab_size: int) -> TransformerSize:
-    dropout = 0.0 if cfg.deterministic else cfg.dropout  # masks depend on how the batch is split
-    padded_vocab = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    return TransformerSize(padded_vocab, cfg.max_len, cfg.d_model, cfg.heads, cfg.layers, cfg.ff_dim, dropout)
 
 
 def evaluate(run, data, decoder: GreedyDecoder, max_test: int) -> dict:
@@ -99,7 +78,7 @@ def load_trained(out_dir: str) -> tuple[Seq2SeqTransformer, SubwordTokenizer]:
     cfg = TranslateConfig(**{k: v for k, v in json.loads((out / "config.json").read_text()).items()
                              if k in {f.name for f in dataclasses.fields(TranslateConfig)}})
     tokenizer = SubwordTokenizer(str(out / "subword.model"))
-    model = build_transformer(model_size(cfg, tokenizer.vocab_size), Group((0,), 0))
+    model = build_transformer(cfg.transformer_size(tokenizer.vocab_size, cfg.max_len), Group((0,), 0))
     with np.load(out / "model.npz") as weights:
         for name, v in zip(variable_names(model.variables), model.variables):
             v.assign(weights[name])
@@ -113,7 +92,7 @@ def main():
     cfg, dist = run.config, run.dist
     data = load_translation(data_dir=run.data_dir, dataset=cfg.dataset or None, debug=cfg.debug,
                             max_len=cfg.max_len, vocab_size=cfg.vocab_size, source_path=cfg.freedict_file)
-    size = model_size(cfg, data.tokenizer.vocab_size)
+    size = cfg.transformer_size(data.tokenizer.vocab_size, cfg.max_len)
     run.check_model_fits(layers=size.layers, heads=size.heads, ff_dim=size.ff_dim, vocab_size=size.vocab_size)
     with dist.model_scope(cfg.seed):
         model = build_transformer(size, dist.group("tensor"))

@@ -13,9 +13,38 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from common.config import TrainConfig, flag
 from common.dist import Group
+from common.errors import ConfigError
 from common.plans.tensor import (ColumnParallelDense, ParallelAttention, ParallelMLP, VocabParallelEmbedding,
                                  vocab_parallel_argmax, vocab_parallel_cross_entropy)
+
+
+# The embedding and output rows are padded to this multiple, the same for every plan, so that
+# any tensor degree dividing it splits the vocabulary evenly (padding ids never occur).
+VOCAB_MULTIPLE = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig(TrainConfig):
+    """The model flags of the Transformer recipes."""
+
+    vocab_size: int = flag(4000, "subword vocabulary size")
+    d_model: int = flag(128, "model width")
+    heads: int = flag(4, "attention heads")
+    layers: int = flag(2, "Transformer layers")
+    ff_dim: int = flag(512, "feed-forward width")
+    dropout: float = flag(0.1, "dropout rate (0 under --deterministic)")
+
+    def validate(self):
+        super().validate()
+        if self.d_model % self.heads:
+            raise ConfigError(f"--d_model={self.d_model} must be a multiple of --heads={self.heads}")
+
+    def transformer_size(self, vocab_size: int, max_len: int) -> "TransformerSize":
+        dropout = 0.0 if self.deterministic else self.dropout  # masks depend on how the batch is split
+        padded_vocab = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        return TransformerSize(padded_vocab, max_len, self.d_model, self.heads, self.layers, self.ff_dim, dropout)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,6 +42,10 @@ def test_every_plan_trains_exactly_like_one_process(launcher, processes, extra, 
     assert_same_training(result, reference)
     assert result.metrics()[0]["world_size"] == replicas
     assert result.summary()["bleu"] == pytest.approx(reference.summary()["bleu"], abs=0.5)
+    if "tensor=2" in " ".join(extra):
+        # Each rank holds about half of the weights: all but norms, positions and row biases are split.
+        held = result.summary()["parameters_on_chief"] / reference.summary()["parameters_on_chief"]
+        assert 0.5 < held < 0.55, held
 
 
 def test_one_process_run_writes_the_recipe_outputs(reference):
