@@ -138,7 +138,7 @@ class TopKCompression(_ErrorFeedback):
         for residual, flat, indices in zip(self.residuals, flats, picked):
             unsent = tf.tensor_scatter_nd_update(flat, indices[:, tf.newaxis], tf.zeros_like(indices, flat.dtype))
             residual.assign(tf.reshape(unsent, residual.shape))
-        offsets = np.cumsum([0] + sizes[:-1])  # indices into all tensors flattened end to end
+        offsets = [int(o) for o in np.cumsum([0] + sizes[:-1])]  # indices into all tensors flattened end to end
         all_indices = dist.gather_across_replicas(tf.concat([i + o for i, o in zip(picked, offsets)], 0))
         all_values = dist.gather_across_replicas(tf.concat(values, 0))
         # Adds in the order gathered (replica by replica): the same bits on every rank.

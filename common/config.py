@@ -13,6 +13,7 @@ import sys
 import typing
 from typing import Any, ClassVar, Sequence
 
+from common.compression import SPEC_HELP, make_compressor
 from common.errors import ConfigError, exit_with
 
 
@@ -42,7 +43,7 @@ class TrainConfig:
     backend: str = flag("horovod", "horovod (processes) or mirrored (devices of one process)",
                         choices=("horovod", "mirrored"))
     mirrored_devices: int = flag(0, "mirrored: devices to use; 0 = all GPUs, or 2 logical CPUs")
-    compression: str = flag("none", "gradient compression on the wire", choices=("none", "fp16"))
+    compression: str = flag("none", f"gradient compression on the wire: {SPEC_HELP}")
     intra_op_threads: int = flag(0, "TensorFlow intra-op threads per process; 0 = TF default")
     deterministic: bool = flag(False, "deterministic ops and no dropout: same losses for any plan")
     resume: bool = flag(False, "resume from the latest checkpoint in --out_dir")
@@ -65,6 +66,7 @@ class TrainConfig:
         for name in ("warmup_steps", "checkpoint_every", "eval_every", "intra_op_threads", "mirrored_devices"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        make_compressor(self.compression)  # raises on a bad spec
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

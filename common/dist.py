@@ -130,6 +130,13 @@ class Dist:
             return list(context.all_reduce(tf.distribute.ReduceOp.SUM, list(tensors)))
         return self.group("data").sum(tensors)
 
+    def gather_across_replicas(self, tensor: tf.Tensor) -> tf.Tensor:
+        """Every data-parallel replica's `tensor` (the same shape on each), stacked along a new
+        first axis in replica order. Horovod backend only (its all-gather moves any bits)."""
+        if self.backend != "horovod" and self.num_replicas > 1:
+            raise ConfigError("gathering gradients across replicas needs --backend=horovod")
+        return self.group("data").gather(tensor[tf.newaxis])
+
     def run_step(self, step_fn: Callable[[Nest], Nest], batch: Nest) -> Nest:
         """Run a per-replica step. `batch` is this process's share of the global batch;
         under `mirrored` it is split into one contiguous slice per device. Returns the first

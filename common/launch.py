@@ -11,7 +11,7 @@ from typing import Callable
 
 from common import config as config_lib
 from common import dist as dist_lib
-from common.errors import ConfigError, RecipeError, exit_with
+from common.errors import RecipeError, exit_with
 from common.plans.data import per_replica_batch_size
 from common.plans.mesh import Plan, build_mesh, check_divisible, parse_plan
 
@@ -33,10 +33,9 @@ class Run:
 
     @property
     def process_batch_size(self) -> int:
-        """Examples this process reads per optimizer step (all its replicas, all micro-batches)."""
-        cfg = self.config
-        return per_replica_batch_size(cfg.global_batch_size, self.dist.num_replicas, cfg.accum_steps) \
-            * cfg.accum_steps * self.dist.replicas_per_process
+        """Examples this process reads per optimizer step (all its replicas, all micro-batches);
+        `start` has checked that the global batch splits evenly."""
+        return self.config.global_batch_size // self.dist.input_shards
 
 
 def start(config_cls: type[config_lib.TrainConfig], recipe: str, argv=None) -> Run:
@@ -47,7 +46,7 @@ def start(config_cls: type[config_lib.TrainConfig], recipe: str, argv=None) -> R
     dist = dist.with_mesh(build_mesh(plan, dist.num_processes))
     run = Run(config, dist, plan, Path(config.out_dir or f"runs/{recipe}"),
               config.data_dir or os.environ.get("TFDS_DATA_DIR") or str(Path.home() / "tensorflow_datasets"))
-    run.process_batch_size  # raises ConfigError when the global batch does not split evenly
+    per_replica_batch_size(config.global_batch_size, dist.num_replicas, config.accum_steps)  # fails fast
     return run
 
 

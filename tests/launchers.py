@@ -50,16 +50,28 @@ def command(launcher: str, processes: int) -> list[str]:
     raise ValueError(launcher)
 
 
+def launch_env(**extra: str) -> dict[str, str]:
+    """The environment of every launch (plus `extra`): quiet TensorFlow, the repository
+    importable, Open MPI allowed to run as root, this environment's scripts first on PATH."""
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO),
+            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+            "PATH": f"{BIN}:{os.environ.get('PATH', '')}", **extra}
+
+
+def run_script(script: Path, args: list[str], *, launcher: str = "python", processes: int = 2,
+               timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a Python script under `launcher`, from the repository root, its output captured."""
+    return subprocess.run(command(launcher, processes) + [str(script), *args], cwd=REPO,
+                          env=env or launch_env(), capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
 def run_recipe(recipe: str, args: list[str], out_dir: Path, *, launcher: str = "python",
                processes: int = 2, timeout: float = 600) -> Result:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO),
-           "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
-    cmd = command(launcher, processes) + [str(REPO / "recipes" / f"{recipe}.py"),
-                                          f"--out_dir={out_dir}", "--intra_op_threads=1", *args]
     start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    done = run_script(REPO / "recipes" / f"{recipe}.py",
+                      [f"--out_dir={out_dir}", "--intra_op_threads=1", *args],
+                      launcher=launcher, processes=processes, timeout=timeout)
     return Result(done.returncode, done.stdout + done.stderr, time.perf_counter() - start, out_dir)
 
 

@@ -24,7 +24,7 @@ from common.data.tfds_io import DataError
 
 DEFAULT_SOURCE = "/usr/share/dictd/freedict-eng-deu.dict.dz"
 TEST_PER_MILLE = 20
-MIN_WORDS, MAX_WORDS = 2, 12
+MIN_WORDS, MAX_WORDS = 3, 12  # two-word entries are mostly technical compounds
 DEBUG_TRAIN, DEBUG_TEST = 3000, 200
 
 _B64 = {char: value for value, char in enumerate(
@@ -157,8 +157,9 @@ def debug_pairs(path: str) -> dict[str, list[tuple[str, str]]]:
 class FreedictEngDeu(tfds.core.GeneratorBasedBuilder):
     """English->German pairs from the FreeDict dictionary installed by Debian."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Headword and example pairs of freedict-eng-deu 1.9-fd1."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Headword and example pairs of freedict-eng-deu 1.9-fd1.",
+                     "1.1.0": "At least 3 English words (was 2): phrases and sentences, fewer compounds."}
     BUILDER_CONFIGS = [
         tfds.core.BuilderConfig(
             name="sentences",

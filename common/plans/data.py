@@ -15,7 +15,7 @@ from typing import Any, Callable
 import keras
 import tensorflow as tf
 
-from common.compression import NoCompression
+from common.compression import Compressor
 from common.dist import Dist
 from common.errors import ConfigError
 from common.plans.tensor import shard_axes
@@ -62,6 +62,12 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
                 "total_steps": self.total_steps, "final_fraction": self.final_fraction}
 
 
+def split_micro_batches(batch, count: int) -> list:
+    """Each tensor of `batch` cut into `count` equal parts: [micro-batch 0, 1, ...]."""
+    pieces = [tf.split(t, count) for t in tf.nest.flatten(batch)]
+    return [tf.nest.pack_sequence_as(batch, [p[i] for p in pieces]) for i in range(count)]
+
+
 def clip_by_global_norm(grads, max_norm: float, is_split: list[bool], dist: Dist):
     """Scale gradients to a global norm of at most `max_norm`, where the norm is the one-process
     model's: split weights' squares are summed over the tensor group, and every stage's over
@@ -88,18 +94,17 @@ def _accumulated_grads(model, loss_sums: LossSums, micro_batches, variables):
 
 
 def make_train_step(dist: Dist, model: keras.Model, optimizer: keras.optimizers.Optimizer,
-                    loss_sums: LossSums, accum_steps: int = 1, compressor: NoCompression = NoCompression(),
+                    loss_sums: LossSums, accum_steps: int = 1, compressor: Compressor = Compressor(),
                     max_grad_norm: float = 0.0) -> Callable[[Any], dict[str, tf.Tensor]]:
     """A compiled step: local batch in, global metrics out ({"loss", "count", ...} averaged
     over the global count, except "count" itself). `max_grad_norm` > 0 clips the global norm."""
     variables = model.trainable_variables
+    compressor.build(variables, dist)  # its state (error feedback, PowerSGD's Q) exists before tracing
     split = shard_axes(model)
     is_split = [id(v) in split for v in variables]
 
     def replica_step(batch):
-        micro_batches = [tf.nest.map_structure(lambda t: tf.split(t, accum_steps)[i], batch)
-                         for i in range(accum_steps)]
-        grads, local_sums = _accumulated_grads(model, loss_sums, micro_batches, variables)
+        grads, local_sums = _accumulated_grads(model, loss_sums, split_micro_batches(batch, accum_steps), variables)
         names = sorted(local_sums)
         # The counts depend on the batch only, so this reduction overlaps the backward pass.
         global_sums = dict(zip(names, dist.sum_across_replicas([local_sums[k] for k in names])))
@@ -118,14 +123,3 @@ def make_train_step(dist: Dist, model: keras.Model, optimizer: keras.optimizers.
         return metrics
 
     return train_step
-
-
-def make_eval_step(dist: Dist, model: keras.Model, loss_sums: LossSums) -> Callable[[Any], dict[str, tf.Tensor]]:
-    """Global metric sums for one local batch (forward only)."""
-    def replica_step(batch):
-        loss_sum, count, metric_sums = loss_sums(model, batch, False)
-        sums = {"loss": loss_sum, "count": count, **metric_sums}
-        names = sorted(sums)
-        return dict(zip(names, dist.sum_across_replicas([sums[k] for k in names])))
-
-    return tf.function(lambda batch: dist.run_step(replica_step, batch))

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from common.dist import Dist
+from common.plans.data import clip_by_global_norm, split_micro_batches
 
 Op = tuple[str, int]
 
@@ -148,16 +149,13 @@ class PipelineRunner:
         return [tf.zeros_like(v) if g is None else g for g, v in zip(gradients, self.stage.variables)]
 
 
-def split_micro_batches(batch, count: int) -> list:
-    return [tf.nest.map_structure(lambda t: tf.split(t, count)[i], batch) for i in range(count)]
-
-
 def make_pipeline_train_step(dist: Dist, runner: PipelineRunner, optimizer, microbatches: int,
                              count_fn: Callable[[Any], tf.Tensor], compressor, max_grad_norm: float,
                              is_split: list[bool]):
     """A step for pipeline plans (eager: the schedule is Python, each stage's forward is a
     compiled function). Returns global metrics like the data-parallel step."""
-    from common.plans.data import clip_by_global_norm
+
+    compressor.build(runner.stage.variables, dist)  # its state exists before the first step
 
     def train_step(batch):
         micro = split_micro_batches(batch, microbatches)

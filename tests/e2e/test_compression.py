@@ -1,0 +1,40 @@
+"""Compressed gradients end to end: translate.py under horovodrun -np 2 (--debug)."""
+import numpy as np
+import pytest
+
+from tests.launchers import run_recipe
+
+pytestmark = pytest.mark.slow
+
+# Few test sentences: these runs are about training, and decoding would dominate their time.
+ARGS = ["--debug", "--deterministic", "--steps=20", "--log_every=1", "--checkpoint_every=0",
+        "--max_test=8", "--samples=0"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def train(compression, data_dir, out_dir):
+    result = run_recipe("translate", ARGS + [f"--data_dir={data_dir}", f"--compression={compression}"], out_dir,
+                        launcher="horovodrun")
+    assert result.returncode == 0, result.output[-3000:]
+    losses = result.losses()
+    assert len(losses) == 20
+    return losses
+
+
+@pytest.fixture(scope="module")
+def uncompressed_losses(data_dir, tmp_path_factory):
+    return train("none", data_dir, tmp_path_factory.mktemp("none"))
+
+
+def test_fp16_trains_like_float32(uncompressed_losses, data_dir, tmp_path):
+    np.testing.assert_allclose(train("fp16", data_dir, tmp_path), uncompressed_losses, rtol=1e-2)
+
+
+@pytest.mark.parametrize("compression", ["topk:0.05", "powersgd:2"])
+def test_lossy_compression_with_error_feedback_trains(compression, data_dir, tmp_path):
+    losses = train(compression, data_dir, tmp_path)
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.2, losses
