@@ -33,5 +33,6 @@ setup(
         "cpu": ["tensorflow-cpu==2.21.0"],
         "gpu": ["tensorflow[and-cuda]==2.21.0"],
         "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "portpicker==1.6.0"],
+        "bench": ["matplotlib==3.11.2", "portpicker==1.6.0"],
     },
 )

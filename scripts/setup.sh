@@ -40,8 +40,8 @@ install_python_packages() {
   "$VENV/bin/pip" install -q --upgrade pip
   local extra=cpu
   has_gpu && extra=gpu
-  log "installing the project with extras [$extra,test] into $VENV"
-  "$VENV/bin/pip" install -q -e "$ROOT[$extra,test]"
+  log "installing the project with extras [$extra,test,bench] into $VENV"
+  "$VENV/bin/pip" install -q -e "$ROOT[$extra,test,bench]"
 }
 
 # Horovod must be compiled against the TensorFlow it runs with; pip's wheel cache does not

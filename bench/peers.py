@@ -1,0 +1,150 @@
+"""The project's Horovod data plan against tf.distribute's strategies, and its own overhead.
+
+    python bench/peers.py                                   # ~3 minutes on 2 cores
+    python bench/peers.py --repeats 3 -- --image-size=128   # flags after -- go to synthetic.py
+
+Trains the same model on the same batch per replica with bench/synthetic.py (MobileNetV2 by
+default, random images, one TensorFlow thread per replica: the 2-replica set-ups share one global
+batch) in five set-ups (`--setups` picks some), one after another:
+- the project's Horovod data plan, `horovodrun -np 2` (the reference of the ratios),
+- `tf.distribute.MirroredStrategy` over 2 logical CPU devices of one process,
+- `tf.distribute.MultiWorkerMirroredStrategy`, 2 processes on localhost ports from portpicker
+  (TF_CONFIG; a custom loop on `distribute_datasets_from_function`, not `fit`),
+- the Horovod plan in 1 process, against plain Keras 3 in 1 process (the plan's overhead:
+  target within 3%).
+`--repeats` runs the set-ups in turn that many times and keeps each one's median, so a
+busy machine hits them alike. Prints images/s (all processes together) and the ratios; writes
+JSON and a PNG bar chart to bench/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.launchers import REPO, command, launch_env, run_script  # noqa: E402
+
+SYNTHETIC = Path(__file__).resolve().with_name("synthetic.py")
+SYNTHETIC_DEFAULTS = ["--model=MobileNetV2", "--batch-size=8", "--image-size=96", "--num-warmup-batches=5",
+                      "--num-batches-per-iter=10", "--num-iters=5"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    label: str
+    mode: str          # synthetic.py --mode
+    launcher: str      # a tests/launchers.py launcher, or "tf_config": one process per worker
+    processes: int
+
+
+SETUPS = {
+    "horovod2": Setup("horovod plan, 2 processes", "horovod", "horovodrun", 2),
+    "mirrored": Setup("MirroredStrategy, 2 CPU devices", "mirrored", "python", 1),
+    "multiworker": Setup("MultiWorkerMirrored, 2 processes", "multiworker", "tf_config", 2),
+    "horovod1": Setup("horovod plan, 1 process", "horovod", "python", 1),
+    "keras": Setup("plain Keras 3, 1 process", "keras", "python", 1),
+}
+REFERENCE = "horovod2"
+OVERHEAD_TARGET = 0.97  # horovod1 / keras
+
+
+def run_workers(args: list[str], workers: int, log_dir: str, timeout: float) -> tuple[int, str]:
+    """MultiWorkerMirroredStrategy: `workers` processes of synthetic.py, a cluster on free
+    localhost ports; the worst exit code and everything they printed."""
+    import portpicker
+    cluster = {"worker": [f"localhost:{portpicker.pick_unused_port()}" for _ in range(workers)]}
+    logs = [Path(log_dir) / f"worker{index}.log" for index in range(workers)]
+    processes = []
+    for index, log in enumerate(logs):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        with log.open("w") as stream:
+            processes.append(subprocess.Popen(command("python", 1) + [str(SYNTHETIC), *args], cwd=REPO,
+                                              env=launch_env(TF_CONFIG=tf_config), stdout=stream,
+                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+    try:
+        codes = [process.wait(timeout=timeout) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    return max(codes), "".join(log.read_text() for log in logs)
+
+
+def throughput(setup: Setup, synthetic_args: list[str], timeout: float) -> float:
+    """Images/s of one set-up: the sum of its processes' mean rates."""
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [f"--mode={setup.mode}", f"--result={tmp}/rank{{rank}}.json", *synthetic_args]
+        if setup.launcher == "tf_config":
+            code, output = run_workers(args, setup.processes, tmp, timeout)
+        else:
+            done = run_script(SYNTHETIC, args, launcher=setup.launcher, processes=setup.processes, timeout=timeout)
+            code, output = done.returncode, done.stdout + done.stderr
+        results = sorted((json.loads(path.read_text()) for path in Path(tmp).glob("rank*.json")),
+                         key=lambda result: result["rank"])
+    if code or len(results) != setup.processes:
+        raise SystemExit(f"{setup.label} failed (exit {code}):\n{output[-3000:]}")
+    rates = [result["mean_img_sec"] for result in results]
+    print(f"  {setup.label}: {' + '.join(f'{rate:.1f}' for rate in rates)} img/s", flush=True)
+    return sum(rates)
+
+
+def plot(medians: dict[str, float], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(figsize=(8, 3.5))
+    keys = list(medians)[::-1]
+    axes.barh([SETUPS[key].label for key in keys], [medians[key] for key in keys])
+    axes.set(xlabel="images/s (all processes)", title="Synthetic training, same model and batch per replica")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def report(medians: dict[str, float]) -> dict:
+    """Print the table and the overhead check; the ratios, for the JSON."""
+    ratios = {key: value / medians[REFERENCE] for key, value in medians.items()} if REFERENCE in medians else {}
+    for key, value in medians.items():
+        ratio = f"{ratios[key]:5.2f} x {SETUPS[REFERENCE].label}" if ratios else ""
+        print(f"{SETUPS[key].label:<34} {value:8.1f} img/s  {ratio}")
+    if {"horovod1", "keras"} <= medians.keys():
+        overhead = medians["horovod1"] / medians["keras"]
+        ratios["horovod1_over_keras"] = overhead
+        print(f"overhead: {SETUPS['horovod1'].label} / {SETUPS['keras'].label} = {overhead:.3f} "
+              f"({'within' if overhead >= OVERHEAD_TARGET else 'OUTSIDE'} the 3% target)")
+    return ratios
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS))
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over the set-ups (median kept)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per set-up run")
+    parser.add_argument("--out", default="bench/results/peers.json")
+    parser.add_argument("synthetic_args", nargs="*", help="bench/synthetic.py flags, after --")
+    options = parser.parse_args()
+    synthetic_args = SYNTHETIC_DEFAULTS + options.synthetic_args
+    print(f"peers: bench/synthetic.py {' '.join(synthetic_args)}")
+    runs = {key: [] for key in options.setups}
+    for _ in range(options.repeats):
+        for key in options.setups:
+            runs[key].append(throughput(SETUPS[key], synthetic_args, options.timeout))
+    medians = {key: statistics.median(values) for key, values in runs.items()}
+    ratios = report(medians)
+    out = Path(options.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"synthetic_args": synthetic_args, "labels": {k: SETUPS[k].label for k in runs},
+                               "runs_img_sec": runs, "median_img_sec": medians, "ratios": ratios,
+                               "overhead_target": OVERHEAD_TARGET}, indent=2) + "\n")
+    plot(medians, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Synthetic ImageNet-style training throughput, after Horovod's tensorflow2_synthetic_benchmark.py.
+
+    horovodrun -np 2 python bench/synthetic.py                    # the project's Horovod data plan
+    python bench/synthetic.py --mode=keras                        # plain Keras 3, no Horovod
+    python bench/synthetic.py --mode=mirrored                     # MirroredStrategy, 2 logical CPUs
+    TF_CONFIG='{...}' python bench/synthetic.py --mode=multiworker  # once per worker (bench/peers.py)
+
+A keras.applications model (weights=None) trains on one fixed batch of random images, so only
+compute and communication are measured. Every mode runs the same model, loss (softmax
+cross-entropy), optimizer (SGD) and batch per replica, from a `tf.data` iterator:
+- `horovod`: the project's path, `common.dist` + `common.plans.data.make_train_step`.
+- `keras`: the minimal Keras 3 step (tape, mean loss, `optimizer.apply`) in a `tf.function`; the
+  reference for the plan's own overhead. (`fit` adds its own loop, callbacks and metrics.)
+- `mirrored` / `multiworker`: the custom training loop tf.distribute documents for Keras 3:
+  `strategy.run` on batches from `distribute_datasets_from_function`, the optimizer all-reducing
+  in replica context. (`fit` on a dataset of tensors fails under MultiWorkerMirroredStrategy.)
+Each replica gets `--intra-op-threads` TensorFlow threads. Prints images/s per iteration and per
+process as Horovod's benchmark does; `--result` also writes them as JSON (one file per process).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import tensorflow as tf  # noqa: E402
+
+MODES = ("horovod", "keras", "mirrored", "multiworker")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=MODES, default="horovod")
+    parser.add_argument("--model", default="MobileNetV2", help="a keras.applications model name")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per replica per step")
+    parser.add_argument("--image-size", type=int, default=96, help="square input side, in pixels")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--num-warmup-batches", type=int, default=10, help="steps before timing")
+    parser.add_argument("--num-batches-per-iter", type=int, default=10, help="steps per timed iteration")
+    parser.add_argument("--num-iters", type=int, default=10, help="timed iterations")
+    parser.add_argument("--intra-op-threads", type=int, default=1, help="TensorFlow threads per replica")
+    parser.add_argument("--mirrored-devices", type=int, default=2, help="mirrored: logical CPU devices")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--result", default="", help="write this process's numbers here (JSON); "
+                        "'{rank}' in the path is replaced by the process rank")
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------- model and data
+def build_model(options):
+    import keras
+    builder = getattr(keras.applications, options.model)
+    return builder(weights=None, input_shape=(options.image_size, options.image_size, 3),
+                   classes=options.num_classes, classifier_activation=None)
+
+
+def synthetic_batch(options) -> tuple[tf.Tensor, tf.Tensor]:
+    """One replica's batch of random images and labels (the same on every replica)."""
+    generator = tf.random.Generator.from_seed(options.seed)
+    images = generator.uniform([options.batch_size, options.image_size, options.image_size, 3])
+    labels = generator.uniform([options.batch_size], maxval=options.num_classes, dtype=tf.int64)
+    return images, labels
+
+
+def per_example_losses(model, images, labels):
+    import keras
+    logits = model(images, training=True)
+    return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+
+
+def repeated(batch) -> Iterator:
+    return iter(tf.data.Dataset.from_tensors(batch).repeat())
+
+
+def make_optimizer():
+    import keras
+    return keras.optimizers.SGD(0.01)
+
+
+# ---------------------------------------------------------------- one builder per mode
+# Each returns (step, process rank, replicas in this process); step() trains on one batch
+# and returns a loss tensor.
+def horovod_plan(options) -> tuple[Callable[[], tf.Tensor], int, int]:
+    """The project's data plan on Horovod processes (any count, plain python = one)."""
+    from common import dist as dist_lib
+    from common.plans.data import make_train_step
+    from common.plans.mesh import build_mesh, parse_plan
+    dist = dist_lib.init("horovod", seed=options.seed, deterministic=False)
+    dist = dist.with_mesh(build_mesh(parse_plan("data"), dist.num_processes))
+    with dist.model_scope(options.seed):  # the same seed on every rank: equal weights, no broadcast
+        model = build_model(options)
+
+    def loss_sums(model, batch, training):
+        losses = per_example_losses(model, *batch)
+        return tf.reduce_sum(losses), tf.cast(tf.size(losses), tf.float32), {}
+
+    train_step = make_train_step(dist, model, make_optimizer(), loss_sums)
+    batches = repeated(synthetic_batch(options))
+    return (lambda: train_step(next(batches))["loss"]), dist.process_rank, 1
+
+
+def plain_keras(options) -> tuple[Callable[[], tf.Tensor], int, int]:
+    """The same model trained by the smallest Keras 3 step, no Horovod."""
+    import keras
+    keras.utils.set_random_seed(options.seed)
+    model, optimizer = build_model(options), make_optimizer()
+
+    @tf.function
+    def train_step(batch):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(per_example_losses(model, *batch))
+        optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        return loss
+
+    batches = repeated(synthetic_batch(options))
+    return (lambda: train_step(next(batches))), 0, 1
+
+
+def strategy_loop(strategy: tf.distribute.Strategy, options) -> Callable[[], tf.Tensor]:
+    """tf.distribute's custom training loop: each replica scales its loss by the global batch,
+    the optimizer sums the gradients across replicas (in replica context) and applies them."""
+    import keras
+    keras.utils.set_random_seed(options.seed)
+    with strategy.scope():
+        model, optimizer = build_model(options), make_optimizer()
+    global_batch = options.batch_size * strategy.num_replicas_in_sync
+    batch = synthetic_batch(options)
+    dataset = strategy.distribute_datasets_from_function(
+        lambda context: tf.data.Dataset.from_tensors(batch).repeat())
+
+    def replica_step(images, labels):
+        with tf.GradientTape() as tape:
+            loss = tf.nn.compute_average_loss(per_example_losses(model, images, labels),
+                                              global_batch_size=global_batch)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    @tf.function
+    def train_step(batch):
+        losses = strategy.run(replica_step, args=batch)
+        return strategy.experimental_local_results(losses)[0]
+
+    batches = iter(dataset)
+    return lambda: train_step(next(batches))
+
+
+def mirrored(options) -> tuple[Callable[[], tf.Tensor], int, int]:
+    """MirroredStrategy over logical CPU devices of this one process."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(options.mirrored_devices)])
+    strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(options.mirrored_devices)])
+    return strategy_loop(strategy, options), 0, options.mirrored_devices
+
+
+def multiworker(options) -> tuple[Callable[[], tf.Tensor], int, int]:
+    """MultiWorkerMirroredStrategy: one worker per process, the cluster in TF_CONFIG."""
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    rank = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+    return strategy_loop(strategy, options), rank, 1
+
+
+BUILDERS = {"horovod": horovod_plan, "keras": plain_keras, "mirrored": mirrored, "multiworker": multiworker}
+
+
+# ---------------------------------------------------------------- timing
+def set_threads(threads: int) -> None:
+    """Before any TensorFlow work: `threads` intra-op threads for this process."""
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(max(2, threads))
+
+
+def images_per_sec(step: Callable[[], tf.Tensor], images_per_step: int, options) -> list[float]:
+    """Warm up, then time `--num-iters` iterations of `--num-batches-per-iter` steps each."""
+    for _ in range(options.num_warmup_batches):
+        step()
+    rates = []
+    for _ in range(options.num_iters):
+        start = time.perf_counter()
+        for _ in range(options.num_batches_per_iter):
+            loss = step()
+        loss.numpy()  # the last step has finished
+        rates.append(images_per_step * options.num_batches_per_iter / (time.perf_counter() - start))
+    return rates
+
+
+def main(argv=None) -> None:
+    options = parse_args(argv)
+    replicas_here = options.mirrored_devices if options.mode == "mirrored" else 1
+    set_threads(options.intra_op_threads * replicas_here)
+    step, rank, replicas = BUILDERS[options.mode](options)
+    rates = images_per_sec(step, options.batch_size * replicas, options)
+    mean, spread = float(np.mean(rates)), 1.96 * float(np.std(rates))
+    print(f"[{options.mode} rank {rank}] {options.model} {options.image_size}px, batch {options.batch_size} "
+          f"x {replicas} replica(s): {mean:.1f} +- {spread:.1f} img/sec", flush=True)
+    if options.result:
+        path = Path(options.result.format(rank=rank))
+        path.write_text(json.dumps({"mode": options.mode, "rank": rank, "replicas": replicas,
+                                    "img_sec": rates, "mean_img_sec": mean}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
