@@ -39,7 +39,7 @@ from common.state import variable_names
 
 @dataclasses.dataclass(frozen=True)
 class TranslateConfig(TransformerConfig):
-    steps: int = flag(1600, "optimizer steps to train")
+    steps: int = flag(1200, "optimizer steps to train")
     global_batch_size: int = flag(128, "sentence pairs per optimizer step, over all ranks")
     lr: float = flag(2e-3, "peak learning rate")
     warmup_steps: int = flag(100, "linear learning-rate warm-up steps")
