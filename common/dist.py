@@ -228,7 +228,7 @@ class Dist:
 def _configure_threads(intra_op_threads: int) -> None:
     if intra_op_threads:
         tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
-        tf.config.threading.set_inter_op_parallelism_threads(max(2, intra_op_threads))
+        tf.config.threading.set_inter_op_parallelism_threads(intra_op_threads)
 
 
 def _init_horovod() -> Dist:
