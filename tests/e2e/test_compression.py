@@ -11,11 +11,6 @@ ARGS = ["--debug", "--deterministic", "--steps=20", "--log_every=1", "--checkpoi
         "--max_test=8", "--samples=0"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
 def train(compression, data_dir, out_dir):
     result = run_recipe("translate", ARGS + [f"--data_dir={data_dir}", f"--compression={compression}"], out_dir,
                         launcher="horovodrun")

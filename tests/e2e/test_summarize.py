@@ -10,11 +10,6 @@ DETERMINISTIC = ["--debug", "--deterministic", "--steps=20", "--log_every=1", "-
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
     result = run_recipe("summarize", DETERMINISTIC + [f"--data_dir={data_dir}"],
                         tmp_path_factory.mktemp("single"), launcher="python")

@@ -15,11 +15,6 @@ DETERMINISTIC = ["--debug", "--deterministic", "--steps=20", "--log_every=1", "-
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
     """The one-process run every plan must reproduce."""
     result = run_recipe("translate", DETERMINISTIC + [f"--data_dir={data_dir}"],
