@@ -71,7 +71,8 @@ build_horovod() {
       env_flags+=(HOROVOD_GPU_OPERATIONS=NCCL "HOROVOD_NCCL_INCLUDE=$nccl_home/include"
                   "HOROVOD_NCCL_LIB=$nccl_home/lib" "HOROVOD_CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}")
     fi
-    env "${env_flags[@]}" "$VENV/bin/pip" wheel --no-build-isolation --no-deps --no-binary horovod \
+    # --no-cache-dir: pip's own wheel cache would hand back a build made against another TF.
+    env "${env_flags[@]}" "$VENV/bin/pip" wheel --no-cache-dir --no-build-isolation --no-deps --no-binary horovod \
       -w "$cache_dir" "horovod==$HOROVOD_VERSION"
   fi
   "$VENV/bin/pip" install -q --no-deps --force-reinstall "$cache_dir"/horovod-*.whl
