@@ -32,6 +32,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tensorflow as tf  # noqa: E402
 
+from common.dist import configure_threads  # noqa: E402
+
 MODES = ("horovod", "keras", "mirrored", "multiworker")
 
 
@@ -172,12 +174,6 @@ BUILDERS = {"horovod": horovod_plan, "keras": plain_keras, "mirrored": mirrored,
 
 
 # ---------------------------------------------------------------- timing
-def set_threads(threads: int) -> None:
-    """Before any TensorFlow work: `threads` intra-op threads for this process."""
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(max(2, threads))
-
-
 def images_per_sec(step: Callable[[], tf.Tensor], images_per_step: int, options) -> list[float]:
     """Warm up, then time `--num-iters` iterations of `--num-batches-per-iter` steps each."""
     for _ in range(options.num_warmup_batches):
@@ -195,7 +191,7 @@ def images_per_sec(step: Callable[[], tf.Tensor], images_per_step: int, options)
 def main(argv=None) -> None:
     options = parse_args(argv)
     replicas_here = options.mirrored_devices if options.mode == "mirrored" else 1
-    set_threads(options.intra_op_threads * replicas_here)
+    configure_threads(options.intra_op_threads * replicas_here)
     step, rank, replicas = BUILDERS[options.mode](options)
     rates = images_per_sec(step, options.batch_size * replicas, options)
     mean, spread = float(np.mean(rates)), 1.96 * float(np.std(rates))

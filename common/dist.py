@@ -225,7 +225,9 @@ class Dist:
         return dataclasses.replace(self, mesh=mesh, groups=groups, num_replicas=mesh.data)
 
 
-def _configure_threads(intra_op_threads: int) -> None:
+def configure_threads(intra_op_threads: int) -> None:
+    """Before any TensorFlow work: as many inter-op as intra-op threads, so that a process
+    given one thread uses one core (0 keeps TensorFlow's defaults)."""
     if intra_op_threads:
         tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
         tf.config.threading.set_inter_op_parallelism_threads(intra_op_threads)
@@ -275,7 +277,7 @@ def init(backend: str, *, seed: int, deterministic: bool, intra_op_threads: int 
          mirrored_devices: int = 0) -> Dist:
     """Start the backend; call once, before any other TensorFlow work. Horovod processes
     then need `with_mesh` before any collective."""
-    _configure_threads(intra_op_threads)
+    configure_threads(intra_op_threads)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
     dist = _init_mirrored(mirrored_devices) if backend == "mirrored" else _init_horovod()
