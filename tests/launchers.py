@@ -75,6 +75,13 @@ def run_recipe(recipe: str, args: list[str], out_dir: Path, *, launcher: str = "
     return Result(done.returncode, done.stdout + done.stderr, time.perf_counter() - start, out_dir)
 
 
+def one_process_run(recipe: str, args: list[str], out_dir: Path) -> Result:
+    """The one-process run that every plan must reproduce."""
+    result = run_recipe(recipe, args, out_dir, launcher="python")
+    assert result.returncode == 0, result.output[-3000:]
+    return result
+
+
 def final_weights(result):
     with np.load(sorted((result.out_dir / "checkpoints").glob("ckpt-*.npz"))[-1]) as stored:
         return {name: stored[name] for name in stored.files}

@@ -89,7 +89,7 @@ class Block(keras.layers.Layer):
 
 
 class Seq2SeqTransformer(keras.Model):
-    """Token ids in, vocabulary-split logits out; `loss_sums` and `greedy_decode` handle the split."""
+    """Token ids in, vocabulary-split logits out; `loss_sums` and `GreedyDecoder` handle the split."""
 
     def __init__(self, size: TransformerSize, group: Group, **kwargs):
         super().__init__(**kwargs)

@@ -209,18 +209,21 @@ class ParallelMLP(keras.layers.Layer):
         return self.project(self.expand(x))
 
 
+# The slots Keras optimizers keep per weight (Adam, AdamW, SGD with momentum, AMSGrad).
+OPTIMIZER_SLOTS = ("momentum", "velocity", "velocity_hat")
+
+
 def shard_axes(model: keras.Model, optimizer: keras.optimizers.Optimizer | None = None) -> dict[int, int]:
     """id(variable) -> split axis, for every split weight of `model` and its optimizer slots.
     Keras names a slot variable after its weight's path ("{path with _}_{slot}")."""
-    axes, prefixes = {}, {}
+    axes, slot_axes = {}, {}
     for layer in model._flatten_layers(include_self=False):
         for name, axis in getattr(layer, "SHARD_AXES", {}).items():
             weight = getattr(layer, name)
             if axis is not None and layer.group.size > 1:
                 axes[id(weight)] = axis
-                prefixes[weight.path.replace("/", "_") + "_"] = axis
+                slot_axes.update({f"{weight.path.replace('/', '_')}_{slot}": axis for slot in OPTIMIZER_SLOTS})
     for v in (optimizer.variables if optimizer else []):
-        for prefix, axis in prefixes.items():
-            if v.name.startswith(prefix) and v.name[len(prefix):].isidentifier():
-                axes[id(v)] = axis
+        if v.name in slot_axes:
+            axes[id(v)] = slot_axes[v.name]
     return axes

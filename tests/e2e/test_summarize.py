@@ -1,7 +1,7 @@
 """summarize.py end to end: every model-parallel plan trains exactly like one process."""
 import pytest
 
-from tests.launchers import assert_same_training, run_recipe
+from tests.launchers import assert_same_training, one_process_run, run_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -11,10 +11,7 @@ DETERMINISTIC = ["--debug", "--deterministic", "--steps=20", "--log_every=1", "-
 
 @pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
-    result = run_recipe("summarize", DETERMINISTIC + [f"--data_dir={data_dir}"],
-                        tmp_path_factory.mktemp("single"), launcher="python")
-    assert result.returncode == 0, result.output[-3000:]
-    return result
+    return one_process_run("summarize", DETERMINISTIC + [f"--data_dir={data_dir}"], tmp_path_factory.mktemp("single"))
 
 
 @pytest.mark.parametrize("processes, plan", [

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.launchers import assert_same_training, run_recipe
+from tests.launchers import assert_same_training, one_process_run, run_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -16,11 +16,7 @@ DETERMINISTIC = ["--debug", "--deterministic", "--steps=20", "--log_every=1", "-
 
 @pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
-    """The one-process run every plan must reproduce."""
-    result = run_recipe("translate", DETERMINISTIC + [f"--data_dir={data_dir}"],
-                        tmp_path_factory.mktemp("single"), launcher="python")
-    assert result.returncode == 0, result.output[-3000:]
-    return result
+    return one_process_run("translate", DETERMINISTIC + [f"--data_dir={data_dir}"], tmp_path_factory.mktemp("single"))
 
 
 @pytest.mark.parametrize("launcher, processes, extra, replicas", [
