@@ -11,7 +11,9 @@ batch) in five set-ups (`--setups` picks some), one after another:
 - `tf.distribute.MultiWorkerMirroredStrategy`, 2 processes on localhost ports from portpicker
   (TF_CONFIG; a custom loop on `distribute_datasets_from_function`, not `fit`),
 - the Horovod plan in 1 process, against plain Keras 3 in 1 process (the plan's overhead:
-  target within 3%).
+  target within 3%),
+- two independent 1-process runs at once: no communication, so their sum over one run alone
+  is what this host allows 2 processes (its ceiling; shared vCPUs give well under 2).
 `--repeats` runs the set-ups in turn that many times and keeps each one's median, so a
 busy machine hits them alike. Prints images/s (all processes together) and the ratios; writes
 JSON and a PNG bar chart to bench/results/.
@@ -49,24 +51,27 @@ SETUPS = {
     "multiworker": Setup("MultiWorkerMirrored, 2 processes", "multiworker", "tf_config", 2),
     "horovod1": Setup("horovod plan, 1 process", "horovod", "python", 1),
     "keras": Setup("plain Keras 3, 1 process", "keras", "python", 1),
+    "independent": Setup("2 independent 1-process runs", "horovod", "independent", 2),
 }
 REFERENCE = "horovod2"
 OVERHEAD_TARGET = 0.97  # horovod1 / keras
 
 
-def run_workers(args: list[str], workers: int, log_dir: str, timeout: float) -> tuple[int, str]:
-    """MultiWorkerMirroredStrategy: `workers` processes of synthetic.py, a cluster on free
-    localhost ports; the worst exit code and everything they printed."""
+def run_together(setup: Setup, args: list[str], log_dir: str, timeout: float) -> tuple[int, str]:
+    """`setup.processes` synthetic.py processes started at once, each writing its own result
+    file: MultiWorkerMirroredStrategy workers (a cluster on free localhost ports, in TF_CONFIG)
+    or independent 1-process runs. The worst exit code and everything they printed."""
     import portpicker
-    cluster = {"worker": [f"localhost:{portpicker.pick_unused_port()}" for _ in range(workers)]}
-    logs = [Path(log_dir) / f"worker{index}.log" for index in range(workers)]
+    cluster = {"worker": [f"localhost:{portpicker.pick_unused_port()}" for _ in range(setup.processes)]}
+    logs = [Path(log_dir) / f"process{index}.log" for index in range(setup.processes)]
     processes = []
     for index, log in enumerate(logs):
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        env = launch_env(TF_CONFIG=tf_config) if setup.launcher == "tf_config" else launch_env()
         with log.open("w") as stream:
-            processes.append(subprocess.Popen(command("python", 1) + [str(SYNTHETIC), *args], cwd=REPO,
-                                              env=launch_env(TF_CONFIG=tf_config), stdout=stream,
-                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+            processes.append(subprocess.Popen(
+                command("python", 1) + [str(SYNTHETIC), *args, f"--result={log_dir}/process{index}.json"],
+                cwd=REPO, env=env, stdout=stream, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
     try:
         codes = [process.wait(timeout=timeout) for process in processes]
     finally:
@@ -79,13 +84,14 @@ def run_workers(args: list[str], workers: int, log_dir: str, timeout: float) -> 
 def throughput(setup: Setup, synthetic_args: list[str], timeout: float) -> float:
     """Images/s of one set-up: the sum of its processes' mean rates."""
     with tempfile.TemporaryDirectory() as tmp:
-        args = [f"--mode={setup.mode}", f"--result={tmp}/rank{{rank}}.json", *synthetic_args]
-        if setup.launcher == "tf_config":
-            code, output = run_workers(args, setup.processes, tmp, timeout)
+        args = [f"--mode={setup.mode}", *synthetic_args]
+        if setup.launcher in ("tf_config", "independent"):
+            code, output = run_together(setup, args, tmp, timeout)
         else:
-            done = run_script(SYNTHETIC, args, launcher=setup.launcher, processes=setup.processes, timeout=timeout)
+            done = run_script(SYNTHETIC, [*args, f"--result={tmp}/rank{{rank}}.json"], launcher=setup.launcher,
+                              processes=setup.processes, timeout=timeout)
             code, output = done.returncode, done.stdout + done.stderr
-        results = sorted((json.loads(path.read_text()) for path in Path(tmp).glob("rank*.json")),
+        results = sorted((json.loads(path.read_text()) for path in Path(tmp).glob("*.json")),
                          key=lambda result: result["rank"])
     if code or len(results) != setup.processes:
         raise SystemExit(f"{setup.label} failed (exit {code}):\n{output[-3000:]}")
@@ -113,6 +119,13 @@ def report(medians: dict[str, float]) -> dict:
     for key, value in medians.items():
         ratio = f"{ratios[key]:5.2f} x {SETUPS[REFERENCE].label}" if ratios else ""
         print(f"{SETUPS[key].label:<34} {value:8.1f} img/s  {ratio}")
+    if {"horovod1", "independent"} <= medians.keys():
+        ceiling = medians["independent"] / medians["horovod1"]
+        ratios["host_ceiling"] = ceiling
+        if REFERENCE in medians:
+            ratios["horovod2_of_ceiling"] = medians[REFERENCE] / medians["independent"]
+            print(f"host ceiling for 2 processes: {ceiling:.2f}x one; the 2-process plan reaches "
+                  f"{ratios['horovod2_of_ceiling']:.2f} of it")
     if {"horovod1", "keras"} <= medians.keys():
         overhead = medians["horovod1"] / medians["keras"]
         ratios["horovod1_over_keras"] = overhead

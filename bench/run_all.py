@@ -22,7 +22,7 @@ from collectives import human  # noqa: E402
 from tests.launchers import REPO, launch_env  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
-RECIPES = ("translate", "summarize")
+RECIPES = ("translate", "summarize", "classify")
 # name: the script's arguments (each writes RESULTS / f"{name}.json")
 BENCHMARKS = {
     **{f"scaling-{recipe}": ["bench/scaling.py", f"--recipe={recipe}", "--steps=60", "--log_every=20"]
@@ -36,7 +36,8 @@ BENCHMARKS = {
 def summarize_scaling(report: dict) -> list[str]:
     single, multi = report["single"], report["multi"]
     return [(f"{report['recipe']}: 1 process {single['examples_per_sec']:.1f} ex/s, {multi['processes']} "
-             f"processes {multi['examples_per_sec']:.1f} ex/s, efficiency {report['scaling_efficiency']:.2f}")]
+             f"processes {multi['examples_per_sec']:.1f} ex/s, efficiency {report['scaling_efficiency']:.2f}; "
+             f"host ceiling {report['host_ceiling_ratio']:.2f}, {report['efficiency_of_ceiling']:.2f} of it")]
 
 
 def summarize_pipeline(report: dict) -> list[str]:
@@ -63,6 +64,9 @@ def summarize_peers(report: dict) -> list[str]:
     labels, ratios = report["labels"], report["ratios"]
     lines = [f"{labels[key]}: {value:.1f} img/s" + (f" ({ratios[key]:.2f}x)" if key in ratios else "")
              for key, value in report["median_img_sec"].items()]
+    if "horovod2_of_ceiling" in ratios:
+        lines.append(f"host ceiling {ratios['host_ceiling']:.2f}x one process; the 2-process plan reaches "
+                     f"{ratios['horovod2_of_ceiling']:.2f} of it")
     if "horovod1_over_keras" in ratios:
         lines.append(f"horovod plan / plain Keras, 1 process: {ratios['horovod1_over_keras']:.3f} "
                      f"(target >= {report['overhead_target']})")

@@ -11,7 +11,7 @@ from typing import Callable
 
 from common import config as config_lib
 from common import dist as dist_lib
-from common.errors import RecipeError, exit_with
+from common.errors import ConfigError, RecipeError, exit_with
 from common.plans.data import per_replica_batch_size
 from common.plans.mesh import Plan, build_mesh, check_divisible, parse_plan
 
@@ -30,6 +30,15 @@ class Run:
         if self.dist.mesh:
             check_divisible(self.plan, self.dist.mesh, global_batch_size=self.config.global_batch_size,
                             layers=layers, heads=heads, ff_dim=ff_dim, vocab_size=vocab_size)
+
+    def check_plan_axes(self, *supported: str) -> None:
+        """ConfigError, on every rank and before any collective, if the plan splits the model
+        along an axis this recipe does not implement."""
+        for axis in ("tensor", "pipeline"):
+            degree = getattr(self.plan, axis)
+            if degree > 1 and axis not in supported:
+                raise ConfigError(f"--plan: {Path(sys.argv[0]).name} does not implement {axis} parallelism "
+                                  f"({axis}={degree}): drop it from --plan (this recipe splits along {', '.join(supported)})")
 
     @property
     def process_batch_size(self) -> int:

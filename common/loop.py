@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from common.compression import float32_bytes, make_compressor
 from common.dist import Dist
 from common.state import TrainingState
 
@@ -107,7 +108,8 @@ def train(config, dist: Dist, *, model: keras.Model, optimizer, train_step: Call
     throughput = _throughput(config.global_batch_size, steady)
     summary = {"steps": config.steps, "world_size": dist.num_replicas, "final_loss": metrics.get("loss"),
                "parameters_on_chief": sum(int(np.prod(v.shape)) for v in model.trainable_variables),
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **throughput, **results}
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               **_gradient_bytes(config.compression, model), **throughput, **results}
     log.write({"step": config.steps, **results, **throughput, "kind": "final"})
     log.write_json("summary.json", summary)
     arrays = state.full_arrays()
@@ -115,6 +117,28 @@ def train(config, dist: Dist, *, model: keras.Model, optimizer, train_step: Call
         export(out_dir, {name: arrays[name] for name in state.names[:len(model.variables)]})
     dist.barrier()
     return summary
+
+
+def held_out_metrics(dist: Dist, model: keras.Model, loss_sums, arrays, batch_size: int = 500) -> dict[str, float]:
+    """The mean loss ("test_loss") and metrics of `loss_sums` over `arrays`, a held-out set that
+    every rank holds whole. Each data-parallel rank scores an interleaved share; the ranks of a
+    tensor group score the same share together, so their sums are counted once."""
+    share = [a[dist.coords["data"]::dist.input_shards] for a in arrays]
+    totals: dict[str, float] = {}
+    for start in range(0, len(share[0]), batch_size):
+        loss, count, metrics = loss_sums(model, tuple(a[start:start + batch_size] for a in share), False)
+        for key, value in {"test_loss": loss, "count": count, **metrics}.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    counted = [sums for coords, sums in dist.gather_objects((dist.coords, totals)) if coords["tensor"] == 0]
+    summed = {key: sum(sums.get(key, 0.0) for sums in counted) for key in set().union(*counted)}
+    return {key: value / summed["count"] for key, value in summed.items() if key != "count"}
+
+
+def _gradient_bytes(compression: str, model: keras.Model) -> dict[str, int]:
+    """Gradient bytes this replica puts on the wire per step, compressed and as float32."""
+    shapes = [tuple(v.shape) for v in model.trainable_variables]
+    return {"gradient_wire_bytes": make_compressor(compression).wire_bytes(shapes),
+            "gradient_float32_bytes": float32_bytes(shapes)}
 
 
 def _throughput(global_batch_size: int, steady: dict[str, float]) -> dict[str, float]:

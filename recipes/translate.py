@@ -29,7 +29,7 @@ from common.data.pipeline import shard_rows, sharded_batches, unshard_rows
 from common.data.subword import SubwordTokenizer
 from common.data.translation import load_translation
 from common.dist import Group
-from common.loop import train
+from common.loop import held_out_metrics, train
 from common.metrics import bleu
 from common.models.transformer import (GreedyDecoder, Seq2SeqTransformer, TransformerConfig, build_transformer,
                                        loss_sums)
@@ -58,10 +58,12 @@ class TranslateConfig(TransformerConfig):
 
 
 def evaluate(run, data, decoder: GreedyDecoder, max_test: int) -> dict:
-    """BLEU of greedy translations. Each data-parallel rank decodes an interleaved share of
-    the test set (the ranks of a tensor group decode the same share together)."""
+    """BLEU of greedy translations, and the held-out loss and token accuracy with the reference
+    as decoder input. Each data-parallel rank decodes an interleaved share of the test set (the
+    ranks of a tensor group decode the same share together)."""
     dist = run.dist
     count = len(data.test_src) if not max_test else min(max_test, len(data.test_src))
+    scores = held_out_metrics(dist, decoder.model, loss_sums, (data.test_src[:count], data.test_tgt[:count]))
     mine = decoder(np.stack(shard_rows(data.test_src[:count], dist.input_shards, dist.coords["data"])))
     per_process = dist.gather_objects((dist.coords, [data.tokenizer.decode(ids) for ids in mine]))
     shares = [texts for coords, texts in per_process if coords["tensor"] == 0]
@@ -69,7 +71,7 @@ def evaluate(run, data, decoder: GreedyDecoder, max_test: int) -> dict:
     references = data.test_tgt_text[:count]
     samples = [{"en": s, "reference": r, "translation": h}
                for s, r, h in zip(data.test_src_text, references, hypotheses)]
-    return {**bleu(hypotheses, references), "test_sentences": count, "samples": samples[:10]}
+    return {**bleu(hypotheses, references), **scores, "test_sentences": count, "samples": samples[:10]}
 
 
 def load_trained(out_dir: str) -> tuple[Seq2SeqTransformer, SubwordTokenizer]:
@@ -90,6 +92,7 @@ def load_trained(out_dir: str) -> tuple[Seq2SeqTransformer, SubwordTokenizer]:
 def main():
     run = launch.start(TranslateConfig, "translate")
     cfg, dist = run.config, run.dist
+    run.check_plan_axes("data", "tensor")
     data = load_translation(data_dir=run.data_dir, dataset=cfg.dataset or None, debug=cfg.debug,
                             max_len=cfg.max_len, vocab_size=cfg.vocab_size, source_path=cfg.freedict_file)
     size = cfg.transformer_size(data.tokenizer.vocab_size, cfg.max_len)

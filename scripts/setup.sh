@@ -14,7 +14,7 @@ VENV=${VENV:-$ROOT/.venv}
 HOROVOD_VERSION=0.28.1
 WHEEL_CACHE=${HOROVOD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/recipes-horovod}
 APT_PACKAGES=(openmpi-bin libopenmpi-dev libhighwayhash-dev libfarmhash-dev
-              cmake g++ python3-venv python3-dev dict-freedict-eng-deu)
+              cmake g++ python3-venv python3-dev dict-freedict-eng-deu dataset-fashion-mnist)
 
 log() { printf '[setup] %s\n' "$*"; }
 

@@ -27,6 +27,7 @@ class Seq2SeqData:
     train_src: np.ndarray  # int32 [n, max_src_len]: source ids, eos
     train_tgt: np.ndarray  # int32 [n, max_tgt_len + 1]: bos, target ids, eos
     test_src: np.ndarray  # int32 [m, max_src_len]: source ids (truncated), eos
+    test_tgt: np.ndarray  # int32 [m, max_tgt_len + 1]: bos, target ids (truncated), eos
     test_src_text: list[str]
     test_tgt_text: list[str]
     tokenizer: SubwordTokenizer
@@ -125,8 +126,8 @@ def load_seq2seq(builder, source_key: str, target_key: str, *, tokenizer_dir: st
     The subword model (in `tokenizer_dir`) is trained on the train split only, on
     sources and targets alike. Training pairs whose target, or (unless
     `truncate_sources`) whose source, is too long for its width are dropped; test
-    sources are always truncated, keeping their start. `max_test` keeps the first
-    test pairs.
+    sources are always truncated, keeping their start, and so are test targets (they
+    serve the held-out loss). `max_test` keeps the first test pairs.
     """
     train_sources, train_targets = read_split(builder, "train", source_key, target_key)
     test_sources, test_targets = (
@@ -138,9 +139,12 @@ def load_seq2seq(builder, source_key: str, target_key: str, *, tokenizer_dir: st
     train_src, train_tgt = _train_arrays(
         tokenizer, _heads(train_sources, max_src_len, truncate_sources), train_targets,
         max_src_len, max_tgt_len, truncate_sources)
-    test_ids = [ids[:max_src_len - 1] + [tokenizer.eos_id] for ids in
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    test_ids = [ids[:max_src_len - 1] + [eos] for ids in
                 tokenizer.encode(_heads(test_sources, max_src_len, truncate_sources))]
+    test_target_ids = [[bos] + ids[:max_tgt_len - 1] + [eos] for ids in tokenizer.encode(test_targets)]
     return Seq2SeqData(train_src=train_src, train_tgt=train_tgt,
                        test_src=_padded(test_ids, max_src_len),
+                       test_tgt=_padded(test_target_ids, max_tgt_len + 1),
                        test_src_text=test_sources, test_tgt_text=test_targets,
                        tokenizer=tokenizer)
