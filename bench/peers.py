@@ -5,8 +5,9 @@
 
 Trains the same model on the same batch per replica with bench/synthetic.py (MobileNetV2 by
 default, random images, one TensorFlow thread per replica: the 2-replica set-ups share one global
-batch) in five set-ups (`--setups` picks some), one after another:
-- the project's Horovod data plan, `horovodrun -np 2` (the reference of the ratios),
+batch) in seven set-ups (`--setups` picks some), one after another:
+- the project's Horovod data plan, `horovodrun -np 2` (the reference of the ratios), and the
+  same with `--allreduce=per_tensor` (all-reduces overlapping the backward pass),
 - `tf.distribute.MirroredStrategy` over 2 logical CPU devices of one process,
 - `tf.distribute.MultiWorkerMirroredStrategy`, 2 processes on localhost ports from portpicker
   (TF_CONFIG; a custom loop on `distribute_datasets_from_function`, not `fit`),
@@ -41,12 +42,15 @@ SYNTHETIC_DEFAULTS = ["--model=MobileNetV2", "--batch-size=8", "--image-size=96"
 class Setup:
     label: str
     mode: str          # synthetic.py --mode
-    launcher: str      # a tests/launchers.py launcher, or "tf_config": one process per worker
+    launcher: str      # a tests/launchers.py launcher, "tf_config" (one process per worker) or "independent"
     processes: int
+    args: tuple[str, ...] = ()  # more synthetic.py flags
 
 
 SETUPS = {
     "horovod2": Setup("horovod plan, 2 processes", "horovod", "horovodrun", 2),
+    "horovod2_per_tensor": Setup("horovod plan, per-tensor all-reduce", "horovod", "horovodrun", 2,
+                                 ("--allreduce=per_tensor",)),
     "mirrored": Setup("MirroredStrategy, 2 CPU devices", "mirrored", "python", 1),
     "multiworker": Setup("MultiWorkerMirrored, 2 processes", "multiworker", "tf_config", 2),
     "horovod1": Setup("horovod plan, 1 process", "horovod", "python", 1),
@@ -84,7 +88,7 @@ def run_together(setup: Setup, args: list[str], log_dir: str, timeout: float) ->
 def throughput(setup: Setup, synthetic_args: list[str], timeout: float) -> float:
     """Images/s of one set-up: the sum of its processes' mean rates."""
     with tempfile.TemporaryDirectory() as tmp:
-        args = [f"--mode={setup.mode}", *synthetic_args]
+        args = [f"--mode={setup.mode}", *setup.args, *synthetic_args]
         if setup.launcher in ("tf_config", "independent"):
             code, output = run_together(setup, args, tmp, timeout)
         else:

@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-iters", type=int, default=10, help="timed iterations")
     parser.add_argument("--intra-op-threads", type=int, default=1, help="TensorFlow threads per replica")
     parser.add_argument("--mirrored-devices", type=int, default=2, help="mirrored: logical CPU devices")
+    parser.add_argument("--allreduce", choices=("grouped", "per_tensor"), default="grouped",
+                        help="horovod: the recipes' --allreduce")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--result", default="", help="write this process's numbers here (JSON); "
                         "'{rank}' in the path is replaced by the process rank")
@@ -95,7 +97,8 @@ def horovod_plan(options) -> tuple[Callable[[], tf.Tensor], int, int]:
     from common.plans.data import make_train_step
     from common.plans.mesh import build_mesh, parse_plan
     dist = dist_lib.init("horovod", seed=options.seed, deterministic=False)
-    dist = dist.with_mesh(build_mesh(parse_plan("data"), dist.num_processes))
+    dist = dist.with_mesh(build_mesh(parse_plan("data"), dist.num_processes),
+                          grouped_allreduce=options.allreduce == "grouped")
     with dist.model_scope(options.seed):  # the same seed on every rank: equal weights, no broadcast
         model = build_model(options)
 

@@ -34,16 +34,23 @@ class Group:
     ranks: tuple[int, ...]
     index: int
     process_set: Any = None
+    grouped: bool = True  # sum() as one grouped all-reduce, or one all-reduce per tensor
 
     @property
     def size(self) -> int:
         return len(self.ranks)
 
     def sum(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
-        """Element-wise sums over the group, in one fused all-reduce."""
+        """Element-wise sums over the group: one grouped all-reduce, which starts once every
+        tensor is ready and is fused into as few buffers as the fusion threshold allows; or,
+        if not `grouped`, one all-reduce per tensor, each issued as soon as its tensor is ready
+        (in a graph: while the backward pass goes on), fused with those that arrive within the
+        same Horovod cycle."""
         if self.size == 1:
             return list(tensors)
         import horovod.tensorflow as hvd
+        if not self.grouped:
+            return [hvd.allreduce(t, op=hvd.Sum, process_set=self.process_set) for t in tensors]
         return list(hvd.grouped_allreduce(list(tensors), op=hvd.Sum, process_set=self.process_set))
 
     def max(self, tensor: tf.Tensor) -> tf.Tensor:
@@ -199,9 +206,10 @@ class Dist:
         MPI.Request.Waitall([request for request, _ in self._pending_sends])
         self._pending_sends.clear()
 
-    def with_mesh(self, mesh: Mesh) -> "Dist":
+    def with_mesh(self, mesh: Mesh, grouped_allreduce: bool = True) -> "Dist":
         """Lay the processes out on `mesh`: one process set per group, created in the same
-        order on every rank (Horovod requires it). Call on every rank."""
+        order on every rank (Horovod requires it). Call on every rank. `grouped_allreduce`:
+        see `Group.sum`."""
         if self.backend != "horovod":
             if (mesh.tensor, mesh.pipeline) != (1, 1):
                 raise ConfigError("tensor and pipeline plans run on Horovod processes: "
@@ -221,7 +229,7 @@ class Dist:
                 else:
                     process_set = None
                 if self.process_rank in ranks:
-                    groups[axis] = Group(ranks, ranks.index(self.process_rank), process_set)
+                    groups[axis] = Group(ranks, ranks.index(self.process_rank), process_set, grouped_allreduce)
         return dataclasses.replace(self, mesh=mesh, groups=groups, num_replicas=mesh.data)
 
 

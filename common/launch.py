@@ -52,7 +52,7 @@ def start(config_cls: type[config_lib.TrainConfig], recipe: str, argv=None) -> R
     plan = parse_plan(config.plan)  # before init: a bad plan fails without touching MPI
     dist = dist_lib.init(config.backend, seed=config.seed, deterministic=config.deterministic,
                          intra_op_threads=config.intra_op_threads, mirrored_devices=config.mirrored_devices)
-    dist = dist.with_mesh(build_mesh(plan, dist.num_processes))
+    dist = dist.with_mesh(build_mesh(plan, dist.num_processes), grouped_allreduce=config.allreduce == "grouped")
     run = Run(config, dist, plan, Path(config.out_dir or f"runs/{recipe}"),
               config.data_dir or os.environ.get("TFDS_DATA_DIR") or str(Path.home() / "tensorflow_datasets"))
     per_replica_batch_size(config.global_batch_size, dist.num_replicas, config.accum_steps)  # fails fast

@@ -152,10 +152,19 @@ class PipelineRunner:
 def make_pipeline_train_step(dist: Dist, runner: PipelineRunner, optimizer, microbatches: int,
                              count_fn: Callable[[Any], tf.Tensor], compressor, max_grad_norm: float,
                              is_split: list[bool]):
-    """A step for pipeline plans (eager: the schedule is Python, each stage's forward is a
-    compiled function). Returns global metrics like the data-parallel step."""
+    """A step for pipeline plans. The schedule is Python, with point-to-point messages between
+    micro-batches; each stage's forward (and so its gradient) is a compiled function, and so is
+    everything after the schedule: reduction, clipping and the update, which run eagerly one
+    op per variable otherwise. Returns global metrics like the data-parallel step."""
 
     compressor.build(runner.stage.variables, dist)  # its state exists before the first step
+
+    @tf.function
+    def apply_gradients(grads):
+        grads = compressor.reduce(grads, dist)
+        if max_grad_norm:
+            grads = clip_by_global_norm(grads, max_grad_norm, is_split, dist)
+        optimizer.apply(grads, runner.stage.variables)
 
     def train_step(batch):
         micro = split_micro_batches(batch, microbatches)
@@ -163,10 +172,7 @@ def make_pipeline_train_step(dist: Dist, runner: PipelineRunner, optimizer, micr
         global_count = dist.sum_across_replicas([tf.add_n([count_fn(m) for m in micro])])[0]
         scale = 1.0 / tf.maximum(global_count, 1.0)
         grads, totals = runner.run(micro, scale)
-        grads = compressor.reduce(grads, dist)
-        if max_grad_norm:
-            grads = clip_by_global_norm(grads, max_grad_norm, is_split, dist)
-        optimizer.apply(grads, runner.stage.variables)
+        apply_gradients(grads)
         return _global_metrics(dist, runner, totals, global_count)
 
     return train_step

@@ -21,11 +21,11 @@ def reference(data_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("launcher, processes, extra, replicas", [
     ("horovodrun", 2, [], 2),
-    ("horovodrun-gloo", 2, ["--accum_steps=2"], 2),
+    ("horovodrun-gloo", 2, ["--accum_steps=2", "--allreduce=per_tensor"], 2),
     ("python", 1, ["--backend=mirrored", "--mirrored_devices=2"], 2),
     ("horovodrun", 2, ["--plan=tensor=2"], 1),
     ("horovodrun", 4, ["--plan=data=2,tensor=2"], 2),
-], ids=["horovodrun-np2", "gloo-np2-accum2", "mirrored-2dev", "tensor2", "data2-tensor2"])
+], ids=["horovodrun-np2", "gloo-np2-accum2-per-tensor", "mirrored-2dev", "tensor2", "data2-tensor2"])
 def test_every_plan_trains_exactly_like_one_process(launcher, processes, extra, replicas, reference, data_dir,
                                                     tmp_path):
     result = run_recipe("translate", DETERMINISTIC + [f"--data_dir={data_dir}"] + extra, tmp_path,
