@@ -45,6 +45,7 @@ class Setup:
     launcher: str      # a tests/launchers.py launcher, "tf_config" (one process per worker) or "independent"
     processes: int
     args: tuple[str, ...] = ()  # more synthetic.py flags
+    env: tuple[tuple[str, str], ...] = ()  # more environment variables (horovodrun passes them on)
 
 
 SETUPS = {
@@ -65,13 +66,15 @@ def run_together(setup: Setup, args: list[str], log_dir: str, timeout: float) ->
     """`setup.processes` synthetic.py processes started at once, each writing its own result
     file: MultiWorkerMirroredStrategy workers (a cluster on free localhost ports, in TF_CONFIG)
     or independent 1-process runs. The worst exit code and everything they printed."""
-    import portpicker
-    cluster = {"worker": [f"localhost:{portpicker.pick_unused_port()}" for _ in range(setup.processes)]}
     logs = [Path(log_dir) / f"process{index}.log" for index in range(setup.processes)]
+    envs = [launch_env(**dict(setup.env))] * setup.processes
+    if setup.launcher == "tf_config":
+        import portpicker
+        cluster = {"worker": [f"localhost:{portpicker.pick_unused_port()}" for _ in range(setup.processes)]}
+        envs = [launch_env(**dict(setup.env), TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
+                for index in range(setup.processes)]
     processes = []
-    for index, log in enumerate(logs):
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        env = launch_env(TF_CONFIG=tf_config) if setup.launcher == "tf_config" else launch_env()
+    for index, (log, env) in enumerate(zip(logs, envs)):
         with log.open("w") as stream:
             processes.append(subprocess.Popen(
                 command("python", 1) + [str(SYNTHETIC), *args, f"--result={log_dir}/process{index}.json"],
@@ -93,7 +96,7 @@ def throughput(setup: Setup, synthetic_args: list[str], timeout: float) -> float
             code, output = run_together(setup, args, tmp, timeout)
         else:
             done = run_script(SYNTHETIC, [*args, f"--result={tmp}/rank{{rank}}.json"], launcher=setup.launcher,
-                              processes=setup.processes, timeout=timeout)
+                              processes=setup.processes, timeout=timeout, env=launch_env(**dict(setup.env)))
             code, output = done.returncode, done.stdout + done.stderr
         results = sorted((json.loads(path.read_text()) for path in Path(tmp).glob("*.json")),
                          key=lambda result: result["rank"])
@@ -122,7 +125,7 @@ def report(medians: dict[str, float]) -> dict:
     ratios = {key: value / medians[REFERENCE] for key, value in medians.items()} if REFERENCE in medians else {}
     for key, value in medians.items():
         ratio = f"{ratios[key]:5.2f} x {SETUPS[REFERENCE].label}" if ratios else ""
-        print(f"{SETUPS[key].label:<34} {value:8.1f} img/s  {ratio}")
+        print(f"{SETUPS[key].label:<38} {value:8.1f} img/s  {ratio}")
     if {"horovod1", "independent"} <= medians.keys():
         ceiling = medians["independent"] / medians["horovod1"]
         ratios["host_ceiling"] = ceiling

@@ -3,7 +3,7 @@
     python bench/run_all.py                        # all of them
     python bench/run_all.py --only collectives peers
 
-Runs scaling.py for each recipe, pipeline.py, collectives.py and peers.py with settings cut
+Runs scaling.py for each recipe, pipeline.py, collectives.py, peers.py and fusion.py with settings cut
 to fit the time (each script alone takes its own defaults), shows their output as it comes,
 and ends with one line or a few per benchmark, read back from the JSON they write to
 bench/results/. The wall time of each is printed too, to resize the settings below.
@@ -30,6 +30,7 @@ BENCHMARKS = {
     "pipeline": ["bench/pipeline.py", "--microbatches", "1", "4", "--steps=20"],
     "collectives": ["bench/collectives.py", "--rounds=3"],
     "peers": ["bench/peers.py"],
+    "fusion": ["bench/fusion.py", "--repeats=1"],
 }
 
 
@@ -73,11 +74,17 @@ def summarize_peers(report: dict) -> list[str]:
     return lines
 
 
+def summarize_fusion(report: dict) -> list[str]:
+    medians = report["median_img_sec"]
+    reference = medians[report["default"]]
+    return [f"{name}: {value:.1f} img/s ({value / reference:.3f}x)" for name, value in medians.items()]
+
+
 def summarize(name: str) -> list[str]:
     report = json.loads((RESULTS / f"{name}.json").read_text())
     kind = name.split("-")[0]
     return {"scaling": summarize_scaling, "pipeline": summarize_pipeline,
-            "collectives": summarize_collectives, "peers": summarize_peers}[kind](report)
+            "collectives": summarize_collectives, "peers": summarize_peers, "fusion": summarize_fusion}[kind](report)
 
 
 def main() -> None:

@@ -44,8 +44,8 @@ class TrainConfig:
                         choices=("horovod", "mirrored"))
     mirrored_devices: int = flag(0, "mirrored: devices to use; 0 = all GPUs, or 2 logical CPUs")
     compression: str = flag("none", f"gradient compression on the wire: {SPEC_HELP}")
-    allreduce: str = flag("grouped", "horovod: grouped (one fused all-reduce once all gradients are ready) or "
-                          "per_tensor (one per gradient as it becomes ready)", choices=("grouped", "per_tensor"))
+    allreduce: str = flag("grouped", "horovod: each collective sum as one grouped all-reduce, or per_tensor: one "
+                          "all-reduce per tensor (gradients: as each becomes ready)", choices=("grouped", "per_tensor"))
     intra_op_threads: int = flag(0, "TensorFlow intra-op threads per process; 0 = TF default")
     deterministic: bool = flag(False, "deterministic ops and no dropout: same losses for any plan")
     resume: bool = flag(False, "resume from the latest checkpoint in --out_dir")

@@ -40,18 +40,23 @@ class Group:
     def size(self) -> int:
         return len(self.ranks)
 
-    def sum(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    def sum(self, tensors: Sequence[tf.Tensor], name: str | None = None) -> list[tf.Tensor]:
         """Element-wise sums over the group: one grouped all-reduce, which starts once every
         tensor is ready and is fused into as few buffers as the fusion threshold allows; or,
         if not `grouped`, one all-reduce per tensor, each issued as soon as its tensor is ready
         (in a graph: while the backward pass goes on), fused with those that arrive within the
-        same Horovod cycle."""
+        same Horovod cycle.
+
+        Horovod matches a collective across processes by name, by default derived from the
+        input's name in the graph. Members that trace different graphs (pipeline stages)
+        must pass the same `name`."""
         if self.size == 1:
             return list(tensors)
         import horovod.tensorflow as hvd
         if not self.grouped:
-            return [hvd.allreduce(t, op=hvd.Sum, process_set=self.process_set) for t in tensors]
-        return list(hvd.grouped_allreduce(list(tensors), op=hvd.Sum, process_set=self.process_set))
+            return [hvd.allreduce(t, op=hvd.Sum, process_set=self.process_set,
+                                  name=name and f"{name}_{index}") for index, t in enumerate(tensors)]
+        return list(hvd.grouped_allreduce(list(tensors), op=hvd.Sum, process_set=self.process_set, name=name))
 
     def max(self, tensor: tf.Tensor) -> tf.Tensor:
         if self.size == 1:

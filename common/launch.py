@@ -13,7 +13,7 @@ from common import config as config_lib
 from common import dist as dist_lib
 from common.errors import ConfigError, RecipeError, exit_with
 from common.plans.data import per_replica_batch_size
-from common.plans.mesh import Plan, build_mesh, check_divisible, parse_plan
+from common.plans.mesh import AXES, Plan, build_mesh, check_divisible, parse_plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,15 +31,6 @@ class Run:
             check_divisible(self.plan, self.dist.mesh, global_batch_size=self.config.global_batch_size,
                             layers=layers, heads=heads, ff_dim=ff_dim, vocab_size=vocab_size)
 
-    def check_plan_axes(self, *supported: str) -> None:
-        """ConfigError, on every rank and before any collective, if the plan splits the model
-        along an axis this recipe does not implement."""
-        for axis in ("tensor", "pipeline"):
-            degree = getattr(self.plan, axis)
-            if degree > 1 and axis not in supported:
-                raise ConfigError(f"--plan: {Path(sys.argv[0]).name} does not implement {axis} parallelism "
-                                  f"({axis}={degree}): drop it from --plan (this recipe splits along {', '.join(supported)})")
-
     @property
     def process_batch_size(self) -> int:
         """Examples this process reads per optimizer step (all its replicas, all micro-batches);
@@ -47,9 +38,12 @@ class Run:
         return self.config.global_batch_size // self.dist.input_shards
 
 
-def start(config_cls: type[config_lib.TrainConfig], recipe: str, argv=None) -> Run:
+def start(config_cls: type[config_lib.TrainConfig], recipe: str, argv=None,
+          axes: tuple[str, ...] = AXES) -> Run:
+    """Flags, backend, mesh and folders of a recipe whose model splits along `axes`."""
     config = config_lib.parse_or_exit(config_cls, argv)
     plan = parse_plan(config.plan)  # before init: a bad plan fails without touching MPI
+    check_plan_axes(plan, recipe, axes)
     dist = dist_lib.init(config.backend, seed=config.seed, deterministic=config.deterministic,
                          intra_op_threads=config.intra_op_threads, mirrored_devices=config.mirrored_devices)
     dist = dist.with_mesh(build_mesh(plan, dist.num_processes), grouped_allreduce=config.allreduce == "grouped")
@@ -57,6 +51,15 @@ def start(config_cls: type[config_lib.TrainConfig], recipe: str, argv=None) -> R
               config.data_dir or os.environ.get("TFDS_DATA_DIR") or str(Path.home() / "tensorflow_datasets"))
     per_replica_batch_size(config.global_batch_size, dist.num_replicas, config.accum_steps)  # fails fast
     return run
+
+
+def check_plan_axes(plan: Plan, recipe: str, axes: tuple[str, ...]) -> None:
+    """ConfigError if the plan splits the model along an axis the recipe does not implement."""
+    for axis in ("tensor", "pipeline"):
+        degree = getattr(plan, axis)
+        if degree > 1 and axis not in axes:
+            raise ConfigError(f"--plan: {recipe}.py does not implement {axis} parallelism ({axis}={degree}): "
+                              f"drop it from --plan (this recipe splits along {', '.join(axes)})")
 
 
 def guarded(main: Callable[[], None]) -> Callable[[], None]:

@@ -19,6 +19,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from common.compression import float32_bytes, make_compressor
+from common.errors import RecipeError
 from common.dist import Dist
 from common.state import TrainingState
 
@@ -120,18 +121,21 @@ def train(config, dist: Dist, *, model: keras.Model, optimizer, train_step: Call
 
 
 def held_out_metrics(dist: Dist, model: keras.Model, loss_sums, arrays, batch_size: int = 500) -> dict[str, float]:
-    """The mean loss ("test_loss") and metrics of `loss_sums` over `arrays`, a held-out set that
-    every rank holds whole. Each data-parallel rank scores an interleaved share; the ranks of a
-    tensor group score the same share together, so their sums are counted once."""
+    """The mean loss and metrics of `loss_sums` over `arrays`, a held-out set that every rank
+    holds whole, as "test_loss" and "test_<metric>". Each data-parallel rank scores an
+    interleaved share; the ranks of a tensor group score the same share together, so their
+    sums are counted once. Not for pipeline plans (no stage holds the whole model)."""
+    if not len(arrays[0]):
+        raise RecipeError("the held-out set is empty: check --max_test and the data set's test split")
     share = [a[dist.coords["data"]::dist.input_shards] for a in arrays]
     totals: dict[str, float] = {}
     for start in range(0, len(share[0]), batch_size):
         loss, count, metrics = loss_sums(model, tuple(a[start:start + batch_size] for a in share), False)
-        for key, value in {"test_loss": loss, "count": count, **metrics}.items():
+        for key, value in {"loss": loss, "count": count, **metrics}.items():
             totals[key] = totals.get(key, 0.0) + float(value)
     counted = [sums for coords, sums in dist.gather_objects((dist.coords, totals)) if coords["tensor"] == 0]
     summed = {key: sum(sums.get(key, 0.0) for sums in counted) for key in set().union(*counted)}
-    return {key: value / summed["count"] for key, value in summed.items() if key != "count"}
+    return {f"test_{key}": value / summed["count"] for key, value in summed.items() if key != "count"}
 
 
 def _gradient_bytes(compression: str, model: keras.Model) -> dict[str, int]:

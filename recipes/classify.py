@@ -28,6 +28,7 @@ from common.models.convnet import ConvNetSize, build_convnet, loss_sums
 from common.plans.data import WarmupCosine, make_train_step, scaled_lr
 from common.state import variable_names
 
+
 @dataclasses.dataclass(frozen=True)
 class ClassifyConfig(TrainConfig):
     steps: int = flag(800, "optimizer steps to train")
@@ -56,6 +57,8 @@ class ClassifyConfig(TrainConfig):
 
     def validate(self):
         super().validate()
+        if self.max_test < 0:
+            raise ConfigError(f"--max_test must be >= 0, got {self.max_test}")
         if self.blocks <= 0 or self.groups <= 0:
             raise ConfigError(f"--blocks and --groups must be positive, got {self.blocks} and {self.groups}")
         uneven = [w for w in self.stage_widths() if w % self.groups]
@@ -69,7 +72,8 @@ class ClassifyConfig(TrainConfig):
 
 
 def evaluate(run, model: keras.Model, data: ImageData, max_test: int) -> dict:
-    """Top-1 accuracy and mean loss on the test split, scored by all ranks together."""
+    """Top-1 accuracy and mean loss on the test split ("test_accuracy", "test_loss"), scored by
+    all ranks together."""
     count = len(data.test_labels) if not max_test else min(max_test, len(data.test_labels))
     scores = held_out_metrics(run.dist, model, loss_sums, (data.test_images[:count], data.test_labels[:count]))
     return {**scores, "test_images": count}
@@ -93,9 +97,8 @@ def load_trained(out_dir: str) -> tuple[keras.Model, list[str]]:
 # -------------------------------------------------------------------------------------- main
 @launch.guarded
 def main():
-    run = launch.start(ClassifyConfig, "classify")
+    run = launch.start(ClassifyConfig, "classify", axes=("data",))
     cfg, dist = run.config, run.dist
-    run.check_plan_axes("data")
     data = load_images(data_dir=run.data_dir, dataset=cfg.dataset or None, debug=cfg.debug,
                        source_dir=cfg.source_dir)
     with dist.model_scope(cfg.seed):
@@ -120,7 +123,7 @@ def main():
                     make_batches=make_batches, evaluate=lambda: evaluate(run, model, data, cfg.max_test),
                     export=export, out_dir=run.out_dir)
     if dist.is_chief:
-        print(f"accuracy = {summary['accuracy']:.4f} on {summary['test_images']} test images "
+        print(f"test accuracy = {summary['test_accuracy']:.4f} on {summary['test_images']} test images "
               f"({summary['world_size']} replicas, final loss {summary['final_loss']:.4f})")
 
 

@@ -90,9 +90,8 @@ def load_trained(out_dir: str) -> tuple[Seq2SeqTransformer, SubwordTokenizer]:
 # -------------------------------------------------------------------------------------- main
 @launch.guarded
 def main():
-    run = launch.start(TranslateConfig, "translate")
+    run = launch.start(TranslateConfig, "translate", axes=("data", "tensor"))
     cfg, dist = run.config, run.dist
-    run.check_plan_axes("data", "tensor")
     data = load_translation(data_dir=run.data_dir, dataset=cfg.dataset or None, debug=cfg.debug,
                             max_len=cfg.max_len, vocab_size=cfg.vocab_size, source_path=cfg.freedict_file)
     size = cfg.transformer_size(data.tokenizer.vocab_size, cfg.max_len)

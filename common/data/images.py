@@ -40,7 +40,7 @@ def read_idx(path: str) -> np.ndarray:
     dimension as a big-endian uint32, then the values in C order."""
     with gzip.open(path, "rb") as handle:
         data = handle.read()
-    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_DTYPES:
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_DTYPES or len(data) < 4 + 4 * data[3]:
         raise DataError(f"{path} is not an unsigned-byte IDX file: reinstall dataset-fashion-mnist")
     rank = data[3]
     shape = tuple(int(n) for n in np.frombuffer(data, ">u4", count=rank, offset=4))
@@ -130,10 +130,11 @@ def load_images(*, data_dir: str, dataset: str | None, debug: bool,
                                    source_dir=source_dir)
     else:
         builder = load_prepared(dataset, data_dir)
-        features = builder.info.features
-        if not {"image", "label"} <= set(getattr(features, "keys", lambda: [])()):
-            raise DataError(f"TFDS dataset {dataset!r} has no image and label features: pass an image "
-                            "classification data set such as fashion_mnist, mnist or cifar10")
+        features, splits = builder.info.features, builder.info.splits
+        if not ({"image", "label"} <= set(getattr(features, "keys", lambda: [])()) and {"train", "test"} <= set(splits)
+                and isinstance(features["label"], tfds.features.ClassLabel)):
+            raise DataError(f"TFDS dataset {dataset!r} needs image and class-label features and train and test "
+                            "splits: pass an image classification data set such as fashion_mnist, mnist or cifar10")
     train_images, train_labels = _arrays(builder, "train")
     test_images, test_labels = _arrays(builder, "test")
     return ImageData(train_images, train_labels, test_images, test_labels,

@@ -27,7 +27,7 @@ class Seq2SeqData:
     train_src: np.ndarray  # int32 [n, max_src_len]: source ids, eos
     train_tgt: np.ndarray  # int32 [n, max_tgt_len + 1]: bos, target ids, eos
     test_src: np.ndarray  # int32 [m, max_src_len]: source ids (truncated), eos
-    test_tgt: np.ndarray  # int32 [m, max_tgt_len + 1]: bos, target ids (truncated), eos
+    test_tgt: np.ndarray  # int32 [m, max_tgt_len + 1]: bos, target ids, eos (unless truncated)
     test_src_text: list[str]
     test_tgt_text: list[str]
     tokenizer: SubwordTokenizer
@@ -142,7 +142,8 @@ def load_seq2seq(builder, source_key: str, target_key: str, *, tokenizer_dir: st
     bos, eos = tokenizer.bos_id, tokenizer.eos_id
     test_ids = [ids[:max_src_len - 1] + [eos] for ids in
                 tokenizer.encode(_heads(test_sources, max_src_len, truncate_sources))]
-    test_target_ids = [[bos] + ids[:max_tgt_len - 1] + [eos] for ids in tokenizer.encode(test_targets)]
+    # A target cut short keeps no eos: the held-out loss scores only tokens the reference has.
+    test_target_ids = [[bos] + (ids + [eos])[:max_tgt_len] for ids in tokenizer.encode(test_targets)]
     return Seq2SeqData(train_src=train_src, train_tgt=train_tgt,
                        test_src=_padded(test_ids, max_src_len),
                        test_tgt=_padded(test_target_ids, max_tgt_len + 1),

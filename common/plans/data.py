@@ -74,8 +74,9 @@ def clip_by_global_norm(grads, max_norm: float, is_split: list[bool], dist: Dist
     the pipeline group (replicated weights count once)."""
     def squares(flags):
         return tf.add_n([tf.reduce_sum(tf.square(g)) for g, f in zip(grads, flags) if f] or [tf.constant(0.0)])
-    split_sq = dist.group("tensor").sum([squares(is_split)])[0]
-    total_sq = dist.group("pipeline").sum([split_sq + squares([not f for f in is_split])])[0]
+    # Named: pipeline stages trace different graphs, where default names would differ.
+    split_sq = dist.group("tensor").sum([squares(is_split)], name="clip_split_squares")[0]
+    total_sq = dist.group("pipeline").sum([split_sq + squares([not f for f in is_split])], name="clip_all_squares")[0]
     scale = tf.minimum(1.0, max_norm / tf.maximum(tf.sqrt(total_sq), 1e-12))
     return [g * scale for g in grads]
 

@@ -23,7 +23,7 @@ def test_data_parallel_trains_exactly_like_one_process(launcher, extra, referenc
     assert_same_training(result, reference)
     assert result.metrics()[0]["world_size"] == 2
     # Both ranks score half of the test images; together they must give the one-process figures.
-    for key in ("accuracy", "test_loss"):
+    for key in ("test_accuracy", "test_loss"):
         assert result.summary()[key] == pytest.approx(reference.summary()[key], rel=1e-4)
 
 
@@ -33,15 +33,15 @@ def test_learns_and_exports_a_model_that_reloads(data_dir, tmp_path):
     assert result.returncode == 0, result.output[-3000:]
     summary = result.summary()
     assert summary["test_images"] == 200
-    assert summary["accuracy"] > 0.3, summary  # ten classes: chance is 0.1; 0.40-0.47 measured at 80 steps
-    assert "accuracy = " in result.output
+    assert summary["test_accuracy"] > 0.3, summary  # ten classes: chance is 0.1; 0.40-0.47 measured at 80 steps
+    assert "test accuracy = " in result.output
 
     from common.data.images import load_images  # TensorFlow only now: collection stays fast
     from recipes.classify import load_trained
     model, class_names = load_trained(str(tmp_path))
     data = load_images(data_dir=data_dir, dataset=None, debug=True)
     predicted = np.argmax(model(data.test_images[:200]), -1)
-    assert np.mean(predicted == data.test_labels[:200]) == pytest.approx(summary["accuracy"], abs=1e-6)
+    assert np.mean(predicted == data.test_labels[:200]) == pytest.approx(summary["test_accuracy"], abs=1e-6)
     assert class_names[0] == "T-shirt/top" and len(class_names) == 10
 
 

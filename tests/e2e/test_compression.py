@@ -33,3 +33,13 @@ def test_fp16_trains_like_float32(uncompressed_losses, data_dir, tmp_path):
 def test_lossy_compression_with_error_feedback_trains(compression, data_dir, tmp_path):
     losses = train(compression, data_dir, tmp_path)
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.2, losses
+
+
+def test_pipeline_stages_share_named_collectives_under_lossy_compression(data_dir, tmp_path):
+    # The stages trace different graphs (different variables, and top-k adds ops per variable):
+    # gradient clipping's norm, summed over the stages, is a collective they must name alike.
+    args = ["--debug", "--deterministic", "--steps=10", "--log_every=1", "--checkpoint_every=0", "--max_test=4",
+            f"--data_dir={data_dir}", "--plan=pipeline=2,microbatches=2", "--compression=topk:0.05", "--clip_norm=0.5"]
+    result = run_recipe("summarize", args, tmp_path, launcher="horovodrun", timeout=300)
+    assert result.returncode == 0, result.output[-3000:]
+    assert len(result.losses()) == 10

@@ -267,3 +267,11 @@ def test_split_layers_errors():
         split_layers([1, 1], 0)
     with pytest.raises(ValueError):
         split_layers([1, -1], 1)
+
+
+def test_a_plan_along_an_axis_the_recipe_lacks_is_a_config_error():
+    from common.launch import check_plan_axes
+    check_plan_axes(parse_plan("data=2"), "classify", ("data",))
+    check_plan_axes(parse_plan("tensor=2"), "translate", ("data", "tensor"))
+    with pytest.raises(ConfigError, match="classify.py does not implement pipeline parallelism"):
+        check_plan_axes(parse_plan("pipeline=2"), "classify", ("data",))
