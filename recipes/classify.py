@@ -33,7 +33,8 @@ from common.state import variable_names
 class ClassifyConfig(TrainConfig):
     steps: int = flag(800, "optimizer steps to train")
     global_batch_size: int = flag(128, "images per optimizer step, over all ranks")
-    lr: float = flag(2e-3, "peak learning rate (Adam)")
+    lr: float = flag(2e-3, "peak learning rate")
+    optimizer: str = flag("adam", "adam, or momentum (SGD with Nesterov momentum 0.9)", choices=("adam", "momentum"))
     warmup_steps: int = flag(50, "linear learning-rate warm-up steps")
     log_every: int = flag(50, "steps between metrics lines")
     checkpoint_every: int = flag(400, "steps between checkpoints; 0 = only at the end")
@@ -104,7 +105,9 @@ def main():
     with dist.model_scope(cfg.seed):
         model = build_convnet(cfg.model_size(data))
         peak = scaled_lr(cfg.lr, cfg.global_batch_size, cfg.lr_reference_batch, cfg.lr_scaling)
-        optimizer = keras.optimizers.Adam(WarmupCosine(peak, cfg.warmup_steps, cfg.steps))
+        schedule = WarmupCosine(peak, cfg.warmup_steps, cfg.steps)
+        optimizer = (keras.optimizers.Adam(schedule) if cfg.optimizer == "adam" else
+                     keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True))
     train_step = make_train_step(dist, model, optimizer, loss_sums, cfg.accum_steps,
                                  make_compressor(cfg.compression), cfg.clip_norm)
 
