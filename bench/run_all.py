@@ -1,4 +1,4 @@
-"""Every benchmark in sequence, then one summary: about 15 minutes on 2 cores.
+"""Every benchmark in sequence, then one summary: about 20 minutes on 2 cores.
 
     python bench/run_all.py                        # all of them
     python bench/run_all.py --only collectives peers
