@@ -247,6 +247,10 @@ def configure_threads(intra_op_threads: int) -> None:
 
 
 def _init_horovod() -> Dist:
+    # Open MPI busy-polls while a rank waits in a collective, so Horovod's background thread
+    # spins on a core the TensorFlow threads need. Yielding measured 1.3x the 2-process
+    # throughput of translate on 2 cores. Set before MPI starts (hvd.init); a user's value wins.
+    os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     try:
         import horovod.tensorflow as hvd
     except ImportError as error:
