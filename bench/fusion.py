@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import SYNTHETIC_DEFAULTS, Setup, throughput  # noqa: E402
+from peers import SYNTHETIC_DEFAULTS, Setup, in_turn  # noqa: E402
 
 MIB = 1024 * 1024
 # name: (--allreduce, fusion threshold MiB or None for the default, cycle time ms or None)
@@ -56,11 +55,8 @@ def main() -> None:
     options = parser.parse_args()
     synthetic_args = SYNTHETIC_DEFAULTS + options.synthetic_args
     print(f"fusion: horovodrun -np 2 bench/synthetic.py {' '.join(synthetic_args)}")
-    runs = {name: [] for name in options.settings}
-    for _ in range(options.repeats):
-        for name in options.settings:
-            runs[name].append(throughput(setup(name), synthetic_args, options.timeout))
-    medians = {name: statistics.median(values) for name, values in runs.items()}
+    runs, medians = in_turn({name: setup(name) for name in options.settings}, synthetic_args, options.repeats,
+                            options.timeout)
     reference = medians.get(DEFAULT)
     for name, value in medians.items():
         print(f"{name:<30} {value:8.1f} img/s" + (f"  {value / reference:5.3f} x {DEFAULT}" if reference else ""))

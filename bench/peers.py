@@ -107,6 +107,17 @@ def throughput(setup: Setup, synthetic_args: list[str], timeout: float) -> float
     return sum(rates)
 
 
+def in_turn(setups: dict[str, Setup], synthetic_args: list[str], repeats: int,
+            timeout: float) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Every set-up's images/s, the set-ups run in turn `repeats` times (so a busy machine
+    slows them alike); all runs and each set-up's median."""
+    runs = {key: [] for key in setups}
+    for _ in range(repeats):
+        for key, setup in setups.items():
+            runs[key].append(throughput(setup, synthetic_args, timeout))
+    return runs, {key: statistics.median(values) for key, values in runs.items()}
+
+
 def plot(medians: dict[str, float], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -151,11 +162,8 @@ def main() -> None:
     options = parser.parse_args()
     synthetic_args = SYNTHETIC_DEFAULTS + options.synthetic_args
     print(f"peers: bench/synthetic.py {' '.join(synthetic_args)}")
-    runs = {key: [] for key in options.setups}
-    for _ in range(options.repeats):
-        for key in options.setups:
-            runs[key].append(throughput(SETUPS[key], synthetic_args, options.timeout))
-    medians = {key: statistics.median(values) for key, values in runs.items()}
+    runs, medians = in_turn({key: SETUPS[key] for key in options.setups}, synthetic_args, options.repeats,
+                            options.timeout)
     ratios = report(medians)
     out = Path(options.out)
     out.parent.mkdir(parents=True, exist_ok=True)
