@@ -130,9 +130,9 @@ def load_images(*, data_dir: str, dataset: str | None, debug: bool,
                                    source_dir=source_dir)
     else:
         builder = load_prepared(dataset, data_dir)
-        features, splits = builder.info.features, builder.info.splits
-        if not ({"image", "label"} <= set(getattr(features, "keys", lambda: [])()) and {"train", "test"} <= set(splits)
-                and isinstance(features["label"], tfds.features.ClassLabel)):
+        features = dict(builder.info.features) if isinstance(builder.info.features, tfds.features.FeaturesDict) else {}
+        if not ("image" in features and isinstance(features.get("label"), tfds.features.ClassLabel)
+                and {"train", "test"} <= set(builder.info.splits)):
             raise DataError(f"TFDS dataset {dataset!r} needs image and class-label features and train and test "
                             "splits: pass an image classification data set such as fashion_mnist, mnist or cifar10")
     train_images, train_labels = _arrays(builder, "train")
