@@ -9,11 +9,17 @@ in range. Select one with `make_compressor(spec)`, spec as `--compression` takes
     fp16           float16 all-reduce
     bf16           bfloat16 all-gather, summed in float32 (Horovod 0.28.1's all-reduce
                    rejects bfloat16, its all-gather moves the bits as int16)
-    topk:F         the fraction F of each tensor's entries largest in magnitude, with error feedback
+    topk:F         the fraction F of each matrix's entries largest in magnitude, with error feedback
     powersgd:R     rank-R PowerSGD (Vogels et al. 2019) of every matrix, with error feedback
 
-Stateful compressors (top-k, PowerSGD) keep their state in variables that `build` creates
-before the first compiled step. `wire_bytes(shapes)` is what one replica contributes to the
+Top-k and PowerSGD lose most of each step's signal and rely on error feedback: what a replica
+did not send is added to what it sends next, so it is delayed, never lost. That only holds when
+what is compressed adds up linearly into the weights. Adam's update does not: it divides by the
+root of the mean squared input, so a coordinate sent once in T steps as one accumulated spike
+moves about sqrt(T) times less than the same sum spread over T steps. These compressors
+therefore set `compresses_updates`: each replica's optimizer steps on its own gradient and what
+is compressed (and averaged) is the change of the weights (see `plans.data.apply_update`).
+They keep their state in variables that `build` creates before the first compiled step. `wire_bytes(shapes)` is what one replica contributes to the
 collectives per step, to compare with `float32_bytes(shapes)` (the uncompressed all-reduce).
 """
 from __future__ import annotations
@@ -53,6 +59,7 @@ class Compressor:
 
     spec = "none"
     needs_horovod = False  # gathers or per-replica state: MirroredStrategy replicas share one process
+    compresses_updates = False  # True: reduce() gets weight updates, not gradients (module docstring)
 
     def build(self, variables: Sequence[tf.Variable], dist) -> None:
         """Check the backend and create any state; call once, outside tf.function."""
@@ -104,6 +111,7 @@ class _ErrorFeedback(Compressor):
     residual) is added to that tensor's next gradient, so nothing is lost, only delayed."""
 
     needs_horovod = True
+    compresses_updates = True
     residuals: list[tf.Variable] | None = None
 
     def build(self, variables, dist):
@@ -119,9 +127,11 @@ class _ErrorFeedback(Compressor):
 
 
 class TopKCompression(_ErrorFeedback):
-    """Each replica sends the entries of each tensor largest in magnitude, a fixed count per
-    tensor, as (index, value) pairs in one all-gather of indices and one of values; the sum is
-    scattered back in replica order, so every rank gets the same bits."""
+    """Each replica sends the entries of each matrix largest in magnitude, a fixed count per
+    matrix, as (index, value) pairs in one all-gather of indices and one of values; the sum is
+    scattered back in replica order, so every rank gets the same bits. Vectors (biases, norm
+    scales: few bytes, but few entries each, which a fraction would leave waiting for many
+    steps) ride whole in one all-reduce."""
 
     def __init__(self, fraction: float):
         self.fraction = fraction
@@ -131,11 +141,21 @@ class TopKCompression(_ErrorFeedback):
         return max(1, math.ceil(self.fraction * _size(shape)))
 
     def reduce(self, grads, dist):
-        flats = [tf.reshape(c, [-1]) for c in self.corrected(grads)]
+        corrected = self.corrected(grads)
+        sparse = [i for i, g in enumerate(grads) if len(g.shape) >= 2]
+        whole = [i for i, g in enumerate(grads) if len(g.shape) < 2]
+        results = dict(zip(whole, dist.sum_across_replicas([corrected[i] for i in whole]) if whole else []))
+        if sparse:
+            sums = self._sparse_sum([corrected[i] for i in sparse], [self.residuals[i] for i in sparse], dist)
+            results.update(zip(sparse, sums))
+        return [results[i] for i in range(len(grads))]
+
+    def _sparse_sum(self, tensors, residuals, dist) -> list[tf.Tensor]:
+        flats = [tf.reshape(t, [-1]) for t in tensors]
         sizes = [_size(f.shape) for f in flats]
         picked = [tf.math.top_k(tf.abs(f), self.kept(f.shape)).indices for f in flats]
         values = [tf.gather(f, i) for f, i in zip(flats, picked)]
-        for residual, flat, indices in zip(self.residuals, flats, picked):
+        for residual, flat, indices in zip(residuals, flats, picked):
             unsent = tf.tensor_scatter_nd_update(flat, indices[:, tf.newaxis], tf.zeros_like(indices, flat.dtype))
             residual.assign(tf.reshape(unsent, residual.shape))
         offsets = [int(o) for o in np.cumsum([0] + sizes[:-1])]  # indices into all tensors flattened end to end
@@ -143,10 +163,11 @@ class TopKCompression(_ErrorFeedback):
         all_values = dist.gather_across_replicas(tf.concat(values, 0))
         # Adds in the order gathered (replica by replica): the same bits on every rank.
         total = tf.math.unsorted_segment_sum(tf.reshape(all_values, [-1]), tf.reshape(all_indices, [-1]), sum(sizes))
-        return _unflatten(total, grads)
+        return _unflatten(total, tensors)
 
     def wire_bytes(self, shapes):
-        return 8 * sum(self.kept(shape) for shape in shapes)  # an int32 index and a float32 value each
+        # An int32 index and a float32 value per entry sent from a matrix; vectors whole.
+        return sum(8 * self.kept(shape) if len(shape) >= 2 else 4 * _size(shape) for shape in shapes)
 
 
 class PowerSGDCompression(_ErrorFeedback):

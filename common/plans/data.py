@@ -81,6 +81,26 @@ def clip_by_global_norm(grads, max_norm: float, is_split: list[bool], dist: Dist
     return [g * scale for g in grads]
 
 
+def make_clip(max_norm: float, is_split: list[bool], dist: Dist) -> Callable[[list], list]:
+    """Gradients -> gradients clipped to global norm `max_norm` (unchanged where it is 0)."""
+    return lambda grads: clip_by_global_norm(grads, max_norm, is_split, dist) if max_norm else grads
+
+
+def step_on_compressed_updates(shares, variables, optimizer, compressor: Compressor, dist: Dist, clip) -> None:
+    """The update under an error-feedback compressor (why: `common.compression`). `shares` are
+    this replica's gradients, whose sum over the replicas is the global mean gradient. Each
+    replica's optimizer steps on its own share scaled up to an estimate of that mean (clipped
+    per replica), then the replicas average the compressed change of the weights. Every replica
+    ends with the same weights, while each optimizer's moments are its own replica's. With one
+    replica and nothing dropped this is the optimizer's own step."""
+    replicas = dist.num_replicas
+    before = [tf.identity(v) for v in variables]
+    optimizer.apply(clip([g * replicas for g in shares]), variables)
+    changes = [(v - b) / replicas for v, b in zip(variables, before)]
+    for variable, start, mean_change in zip(variables, before, compressor.reduce(changes, dist)):
+        variable.assign(start + mean_change)
+
+
 def _accumulated_grads(model, loss_sums: LossSums, micro_batches, variables):
     grads = [tf.zeros_like(v) for v in variables]
     totals = None
@@ -103,6 +123,7 @@ def make_train_step(dist: Dist, model: keras.Model, optimizer: keras.optimizers.
     compressor.build(variables, dist)  # its state (error feedback, PowerSGD's Q) exists before tracing
     split = shard_axes(model)
     is_split = [id(v) in split for v in variables]
+    clip = make_clip(max_grad_norm, is_split, dist)
 
     def replica_step(batch):
         grads, local_sums = _accumulated_grads(model, loss_sums, split_micro_batches(batch, accum_steps), variables)
@@ -110,17 +131,19 @@ def make_train_step(dist: Dist, model: keras.Model, optimizer: keras.optimizers.
         # The counts depend on the batch only, so this reduction overlaps the backward pass.
         global_sums = dict(zip(names, dist.sum_across_replicas([local_sums[k] for k in names])))
         scale = 1.0 / tf.maximum(global_sums["count"], 1.0)
-        grads = compressor.reduce([g * tf.cast(scale, g.dtype) for g in grads], dist)
-        if max_grad_norm:
-            grads = clip_by_global_norm(grads, max_grad_norm, is_split, dist)
+        grads = [g * tf.cast(scale, g.dtype) for g in grads]
+        if not compressor.compresses_updates:
+            grads = clip(compressor.reduce(grads, dist))
         metrics = {k: v * scale for k, v in global_sums.items() if k != "count"}
         return grads, {**metrics, "count": global_sums["count"]}
 
     @tf.function
     def train_step(batch):
         grads, metrics = dist.run_step(replica_step, batch)
-        # Applied once, outside the replicas: the gradients are already global.
-        optimizer.apply(grads, variables)
+        if compressor.compresses_updates:
+            step_on_compressed_updates(grads, variables, optimizer, compressor, dist, clip)
+        else:  # applied once, outside the replicas: the gradients are already global
+            optimizer.apply(grads, variables)
         return metrics
 
     return train_step

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from common.dist import Dist
-from common.plans.data import clip_by_global_norm, split_micro_batches
+from common.plans.data import make_clip, split_micro_batches, step_on_compressed_updates
 
 Op = tuple[str, int]
 
@@ -159,12 +159,14 @@ def make_pipeline_train_step(dist: Dist, runner: PipelineRunner, optimizer, micr
 
     compressor.build(runner.stage.variables, dist)  # its state exists before the first step
 
+    clip = make_clip(max_grad_norm, is_split, dist)
+
     @tf.function
     def apply_gradients(grads):
-        grads = compressor.reduce(grads, dist)
-        if max_grad_norm:
-            grads = clip_by_global_norm(grads, max_grad_norm, is_split, dist)
-        optimizer.apply(grads, runner.stage.variables)
+        if compressor.compresses_updates:
+            step_on_compressed_updates(grads, runner.stage.variables, optimizer, compressor, dist, clip)
+        else:
+            optimizer.apply(clip(compressor.reduce(grads, dist)), runner.stage.variables)
 
     def train_step(batch):
         micro = split_micro_batches(batch, microbatches)
