@@ -110,7 +110,7 @@ def train(config, dist: Dist, *, model: keras.Model, optimizer, train_step: Call
     summary = {"steps": config.steps, "world_size": dist.num_replicas, "final_loss": metrics.get("loss"),
                "parameters_on_chief": sum(int(np.prod(v.shape)) for v in model.trainable_variables),
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               **_gradient_bytes(config.compression, model), **throughput, **results}
+               **_gradient_bytes(config.compression, model, config.steps), **throughput, **results}
     log.write({"step": config.steps, **results, **throughput, "kind": "final"})
     log.write_json("summary.json", summary)
     arrays = state.full_arrays()
@@ -138,10 +138,11 @@ def held_out_metrics(dist: Dist, model: keras.Model, loss_sums, arrays, batch_si
     return {f"test_{key}": value / summed["count"] for key, value in summed.items() if key != "count"}
 
 
-def _gradient_bytes(compression: str, model: keras.Model) -> dict[str, int]:
-    """Gradient bytes this replica puts on the wire per step, compressed and as float32."""
+def _gradient_bytes(compression: str, model: keras.Model, steps: int) -> dict[str, float]:
+    """Gradient bytes this replica puts on the wire per step (the mean over the run), compressed
+    and as float32."""
     shapes = [tuple(v.shape) for v in model.trainable_variables]
-    return {"gradient_wire_bytes": make_compressor(compression).wire_bytes(shapes),
+    return {"gradient_wire_bytes": make_compressor(compression).mean_wire_bytes(shapes, steps),
             "gradient_float32_bytes": float32_bytes(shapes)}
 
 

@@ -120,7 +120,7 @@ def make_train_step(dist: Dist, model: keras.Model, optimizer: keras.optimizers.
     """A compiled step: local batch in, global metrics out ({"loss", "count", ...} averaged
     over the global count, except "count" itself). `max_grad_norm` > 0 clips the global norm."""
     variables = model.trainable_variables
-    compressor.build(variables, dist)  # its state (error feedback, PowerSGD's Q) exists before tracing
+    compressor.build(variables, dist, optimizer.iterations)  # its state exists before tracing
     split = shard_axes(model)
     is_split = [id(v) in split for v in variables]
     clip = make_clip(max_grad_norm, is_split, dist)

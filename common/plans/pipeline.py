@@ -157,7 +157,7 @@ def make_pipeline_train_step(dist: Dist, runner: PipelineRunner, optimizer, micr
     everything after the schedule: reduction, clipping and the update, which run eagerly one
     op per variable otherwise. Returns global metrics like the data-parallel step."""
 
-    compressor.build(runner.stage.variables, dist)  # its state exists before the first step
+    compressor.build(runner.stage.variables, dist, optimizer.iterations)  # its state exists before the first step
 
     clip = make_clip(max_grad_norm, is_split, dist)
 

@@ -150,3 +150,22 @@ def test_bad_flag_values_name_the_choices(spec):
         parse(TrainConfig, [f"--compression={spec}"])
     message = str(error.value)
     assert message.startswith("--compression must be none, fp16, bf16, topk:F") and "\n" not in message
+
+
+def test_top_k_warm_up_falls_geometrically_from_ten_times_the_fraction():
+    compressor = make_compressor("topk:0.01,warmup=100")
+    matrix = [(1000, 100)]
+    assert [compressor.wire_bytes(matrix, step) // 8 for step in (0, 50, 100, 1000)] == [10_000, 3163, 1000, 1000]
+    ramp = (10_000 - 1000) / np.log(10)  # entries per step, averaged over the warm-up
+    assert compressor.mean_wire_bytes(matrix, 400) / 8 == pytest.approx((100 * ramp + 300 * 1000) / 400, rel=0.01)
+
+
+def test_top_k_warm_up_follows_the_optimizer_step():
+    gradient = tf.random.stateless_normal((50, 20), seed=(5, 0))
+    step = tf.Variable(0, dtype=tf.int64)
+    compressor = make_compressor("topk:0.01,warmup=100")
+    compressor.build([tf.Variable(tf.zeros_like(gradient))], ONE_PROCESS, step)
+    reduce = tf.function(lambda: compressor.reduce([gradient], ONE_PROCESS)[0])
+    assert np.count_nonzero(reduce()) == 100  # 10% of 1000 entries at step 0
+    step.assign(100)
+    assert np.count_nonzero(reduce()) == 10
