@@ -102,12 +102,15 @@ def step_on_compressed_updates(shares, variables, optimizer, compressor: Compres
 
 
 def _accumulated_grads(model, loss_sums: LossSums, micro_batches, variables):
-    grads, totals = None, None
+    # From zeros: adding densifies embedding gradients (IndexedSlices), which the collectives,
+    # compressors and clipping all expect.
+    grads = [tf.zeros_like(v) for v in variables]
+    totals = None
     for micro_batch in micro_batches:
         with tf.GradientTape() as tape:
             loss_sum, count, metric_sums = loss_sums(model, micro_batch, True)
         step_grads = tape.gradient(loss_sum, variables)
-        grads = step_grads if grads is None else [g + s for g, s in zip(grads, step_grads)]
+        grads = [g + s for g, s in zip(grads, step_grads)]
         sums = {"loss": loss_sum, "count": count, **metric_sums}
         totals = sums if totals is None else {k: totals[k] + v for k, v in sums.items()}
     return grads, totals
