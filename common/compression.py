@@ -24,8 +24,9 @@ and averaged is the change of the weights (`plans.data.step_on_compressed_update
 compresses the gradients: they are close to low rank, Adam's normalised updates are not
 (measured on translate: held-out token accuracy -10.4% compressing updates, -6.8% gradients).
 Both keep their state in variables that `build` creates before the first compiled step.
-`wire_bytes(shapes)` is what one replica contributes to the collectives per step (`mean_wire_bytes(shapes, steps)` over a run, where it varies), to compare
-with `float32_bytes(shapes)` (the uncompressed all-reduce).
+`wire_bytes(shapes)` is what one replica contributes to the collectives per step
+(`mean_wire_bytes(shapes, steps)` over a run, where it varies), to compare with
+`float32_bytes(shapes)` (the uncompressed all-reduce).
 """
 from __future__ import annotations
 
