@@ -22,7 +22,7 @@ moves about sqrt(T) times less than the same sum spread over T steps. Top-k ther
 `compresses_updates`: each replica's optimizer steps on its own gradient, and what is compressed
 and averaged is the change of the weights (`plans.data.step_on_compressed_updates`). PowerSGD
 compresses the gradients: they are close to low rank, Adam's normalised updates are not
-(measured on translate: held-out token accuracy -10.4% compressing updates, -6.8% gradients).
+(measured on translate: held-out token accuracy -9.7% compressing updates, -6.6% gradients).
 Both keep their state in variables that `build` creates before the first compiled step.
 `wire_bytes(shapes)` is what one replica contributes to the collectives per step
 (`mean_wire_bytes(shapes, steps)` over a run, where it varies), to compare with
