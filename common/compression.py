@@ -24,6 +24,8 @@ and averaged is the change of the weights (`plans.data.step_on_compressed_update
 compresses the gradients: they are close to low rank, Adam's normalised updates are not
 (measured on translate: held-out token accuracy -9.7% compressing updates, -6.6% gradients).
 Both keep their state in variables that `build` creates before the first compiled step.
+Checkpoints keep each replica's residuals (`replica_state`); PowerSGD's Q, a warm start, begins
+again from its seeded value on resume.
 `wire_bytes(shapes)` is what one replica contributes to the collectives per step
 (`mean_wire_bytes(shapes, steps)` over a run, where it varies), to compare with
 `float32_bytes(shapes)` (the uncompressed all-reduce).
@@ -39,6 +41,8 @@ import tensorflow as tf
 from common.errors import ConfigError
 
 Shape = Sequence[int]
+# The kinds of replica state (`Compressor.replica_state`): what error feedback holds back.
+UNSENT_UPDATES, UNSENT_GRADIENTS = "unsent_updates", "unsent_gradients"
 SPEC_HELP = ("none, fp16, bf16, topk:F (0 < F < 1, e.g. topk:0.01), topk:F,warmup=W (W >= 0 steps) "
              "or powersgd:R (R >= 1, e.g. powersgd:4)")
 
@@ -73,6 +77,11 @@ class Compressor:
         counts the optimizer's steps (a schedule's clock; checkpointed with the optimizer)."""
         if self.needs_horovod and dist.backend != "horovod":
             raise ConfigError(f"--compression={self.spec} needs --backend=horovod")
+
+    def replica_state(self) -> dict[str, list[tf.Variable]]:
+        """State each replica holds its own value of, by kind, one variable per weight in
+        `build`'s order; checkpoints keep it per replica (`common.state`)."""
+        return {}
 
     def reduce(self, grads: Sequence[tf.Tensor], dist) -> list[tf.Tensor]:
         return dist.sum_across_replicas(grads)
@@ -129,6 +138,11 @@ class _ErrorFeedback(Compressor):
         super().build(variables, dist, step)
         self.residuals = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="residual")
                           for v in variables]
+
+    def replica_state(self):
+        if self.residuals is None:
+            return {}
+        return {UNSENT_UPDATES if self.compresses_updates else UNSENT_GRADIENTS: self.residuals}
 
     def corrected(self, grads) -> list[tf.Tensor]:
         if self.residuals is None:

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from common.compression import float32_bytes, make_compressor
+from common.compression import Compressor, float32_bytes
 from common.errors import RecipeError
 from common.dist import Dist
 from common.state import TrainingState
@@ -61,14 +61,16 @@ class ChiefLog:
 
 def train(config, dist: Dist, *, model: keras.Model, optimizer, train_step: Callable,
           make_batches: Callable[[int], Iterator], evaluate: Callable[[], dict[str, Any]],
-          export: Callable[[Path, dict], None], out_dir: Path) -> dict[str, Any]:
-    """Train to `config.steps`; returns the summary written to summary.json."""
+          export: Callable[[Path, dict], None], out_dir: Path,
+          compressor: Compressor = Compressor()) -> dict[str, Any]:
+    """Train to `config.steps`; returns the summary written to summary.json. `compressor` is
+    the one `train_step` sends gradients through (its per-replica state is checkpointed)."""
     log = ChiefLog(out_dir, dist.is_chief)
     log.write_json("config.json", {**config.to_dict(), "world_size": dist.num_replicas})
     ckpt_dir = out_dir / "checkpoints"
     with dist.scope():
         optimizer.build(model.trainable_variables)
-    state = TrainingState(dist, model, optimizer)
+    state = TrainingState(dist, model, optimizer, compressor)
     state.restore_or_start(ckpt_dir, config.resume)
     start = int(optimizer.iterations.numpy())
     log.start_at(start)
@@ -110,7 +112,7 @@ def train(config, dist: Dist, *, model: keras.Model, optimizer, train_step: Call
     summary = {"steps": config.steps, "world_size": dist.num_replicas, "final_loss": metrics.get("loss"),
                "parameters_on_chief": sum(int(np.prod(v.shape)) for v in model.trainable_variables),
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               **_gradient_bytes(config.compression, model, config.steps), **throughput, **results}
+               **_gradient_bytes(compressor, model, config.steps), **throughput, **results}
     log.write({"step": config.steps, **results, **throughput, "kind": "final"})
     log.write_json("summary.json", summary)
     arrays = state.full_arrays()
@@ -138,11 +140,11 @@ def held_out_metrics(dist: Dist, model: keras.Model, loss_sums, arrays, batch_si
     return {f"test_{key}": value / summed["count"] for key, value in summed.items() if key != "count"}
 
 
-def _gradient_bytes(compression: str, model: keras.Model, steps: int) -> dict[str, float]:
+def _gradient_bytes(compressor: Compressor, model: keras.Model, steps: int) -> dict[str, float]:
     """Gradient bytes this replica puts on the wire per step (the mean over the run), compressed
     and as float32."""
     shapes = [tuple(v.shape) for v in model.trainable_variables]
-    return {"gradient_wire_bytes": make_compressor(compression).mean_wire_bytes(shapes, steps),
+    return {"gradient_wire_bytes": compressor.mean_wire_bytes(shapes, steps),
             "gradient_float32_bytes": float32_bytes(shapes)}
 
 

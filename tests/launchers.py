@@ -1,6 +1,7 @@
 """Run a recipe as real processes, the way users launch it, and read what it wrote."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -96,3 +97,13 @@ def assert_same_training(result, reference):
     assert sorted(weights) == sorted(expected_weights)
     for name, value in weights.items():
         np.testing.assert_allclose(value, expected_weights[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def rewind_to(ckpt_dir, step):
+    """Leave only the checkpoint of `step`, as if the run had died right after saving it."""
+    for path in ckpt_dir.glob("ckpt-*.npz"):
+        if path.name != f"ckpt-{step:08d}.npz":
+            path.unlink()
+    kept = ckpt_dir / f"ckpt-{step:08d}.npz"
+    digest = hashlib.sha256(kept.read_bytes()).hexdigest()
+    (ckpt_dir / "latest.json").write_text(json.dumps({"step": step, "file": kept.name, "sha256": digest}))

@@ -1,12 +1,10 @@
 """translate.py end to end, as real processes under python, horovodrun and mpirun (--debug)."""
-import hashlib
-import json
 import shutil
 
 import numpy as np
 import pytest
 
-from tests.launchers import assert_same_training, one_process_run, run_recipe
+from tests.launchers import assert_same_training, one_process_run, rewind_to, run_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -57,16 +55,6 @@ def test_mpirun_trains_and_translates(data_dir, tmp_path):
     assert result.summary()["world_size"] == 2
     losses = result.losses()
     assert losses[-1] < losses[0]
-
-
-def rewind_to(ckpt_dir, step):
-    """Leave only the checkpoint of `step`, as if the run had died right after saving it."""
-    for path in ckpt_dir.glob("ckpt-*.npz"):
-        if path.name != f"ckpt-{step:08d}.npz":
-            path.unlink()
-    kept = ckpt_dir / f"ckpt-{step:08d}.npz"
-    digest = hashlib.sha256(kept.read_bytes()).hexdigest()
-    (ckpt_dir / "latest.json").write_text(json.dumps({"step": step, "file": kept.name, "sha256": digest}))
 
 
 @pytest.mark.parametrize("first_plan, resumed_plan", [("data", "data"), ("tensor=2", "data")],
