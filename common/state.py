@@ -136,7 +136,8 @@ class TrainingState:
             self._assign_replica_state(arrays or {})
 
     def _assign_replica_state(self, arrays: dict[str, np.ndarray]) -> None:
-        """This replica's own state where the checkpoint has it; the first replica's otherwise."""
+        """This replica's own state where the checkpoint has it; otherwise it keeps what it
+        has: the first replica's moments, empty residuals."""
         prefix = PER_REPLICA.format(self.dist.coords["data"])
         group = self.dist.group("tensor")
         for name, v in self.replica_local.items():
