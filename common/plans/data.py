@@ -110,7 +110,7 @@ def step_on_compressed_updates(shares, variables, optimizer, compressor: Compres
     every update: -4.3% held-out token accuracy). Given `half_differences` (this replica's
     gradient over the first half of its batch minus that over the second, scaled like `shares`),
     Adam's second moment is fed an estimate of the global gradient's square instead
-    (`global_square_estimates`); the same run then came out +0.8%."""
+    (`global_square_estimates`); the same run then came out at -0.1%."""
     replicas = dist.num_replicas
     before = [tf.identity(v) for v in variables]
     estimates = [g * replicas for g in shares]
