@@ -115,7 +115,7 @@ def step_on_compressed_updates(shares, variables, optimizer, compressor: Compres
     before = [tf.identity(v) for v in variables]
     estimates = [g * replicas for g in shares]
     clipped = clip(estimates)
-    if half_differences is not None and replicas > 1 and isinstance(optimizer, keras.optimizers.Adam):
+    if half_differences is not None:  # given for Adam with more than one replica
         clip_scale = _norm(clipped) / tf.maximum(_norm(estimates), 1e-30)
         differences = [d * (replicas * clip_scale) for d in half_differences]
         _feed_second_moments(second_moments(optimizer), optimizer.beta_2, clipped,
