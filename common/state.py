@@ -23,7 +23,8 @@ from common.dist import Dist
 from common.errors import RecipeError
 from common.plans.tensor import local_slice, shard_axes
 
-PER_REPLICA = "per_replica/{}/"
+PER_REPLICA_ROOT = "per_replica/"
+PER_REPLICA = PER_REPLICA_ROOT + "{}/"
 
 
 def variable_names(variables) -> list[str]:
@@ -53,8 +54,9 @@ class TrainingState:
         local = {}
         for kind, states in compressor.replica_state().items():
             for weight, state in zip(model.trainable_variables, states):
-                local[f"{kind}/{name_of[id(weight)]}"] = state
-                self.axes[f"{kind}/{name_of[id(weight)]}"] = self.axes[name_of[id(weight)]]
+                name = name_of[id(weight)]
+                local[f"{kind}/{name}"] = state
+                self.axes[f"{kind}/{name}"] = self.axes[name]
         if compressor.compresses_updates:
             local.update({name_of[id(v)]: v for v in optimizer.variables})
         return local
@@ -132,7 +134,7 @@ class TrainingState:
         if self.replica_local:
             if not self._model_parallel:
                 arrays = self.dist.broadcast_object(None if arrays is None else
-                                                    {k: v for k, v in arrays.items() if k.startswith("per_replica/")})
+                                                    {k: v for k, v in arrays.items() if k.startswith(PER_REPLICA_ROOT)})
             self._assign_replica_state(arrays or {})
 
     def _assign_replica_state(self, arrays: dict[str, np.ndarray]) -> None:
@@ -148,7 +150,7 @@ class TrainingState:
         """The checkpoint's arrays, with what its replicas had not sent summed into replica 0's
         (or, for updates this run no longer compresses, into the weights) unless every replica
         of this run takes back its own (module docstring)."""
-        saved = {key for key in arrays if key.startswith("per_replica/")}
+        saved = {key for key in arrays if key.startswith(PER_REPLICA_ROOT)}
         replicas = 1 + max((int(key.split("/")[1]) for key in saved), default=-1)
         arrays = dict(arrays)
         for kind in (UNSENT_UPDATES, UNSENT_GRADIENTS):
@@ -168,4 +170,4 @@ class TrainingState:
 
 def _unprefixed(name: str) -> str:
     """The state's own name: "per_replica/1/unsent_updates/dense/kernel" -> "unsent_updates/dense/kernel"."""
-    return name.split("/", 2)[2] if name.startswith("per_replica/") else name
+    return name.split("/", 2)[2] if name.startswith(PER_REPLICA_ROOT) else name
