@@ -61,10 +61,11 @@ class ChiefLog:
 
 def train(config, dist: Dist, *, model: keras.Model, optimizer, train_step: Callable,
           make_batches: Callable[[int], Iterator], evaluate: Callable[[], dict[str, Any]],
-          export: Callable[[Path, dict], None], out_dir: Path,
-          compressor: Compressor = Compressor()) -> dict[str, Any]:
-    """Train to `config.steps`; returns the summary written to summary.json. `compressor` is
-    the one `train_step` sends gradients through (its per-replica state is checkpointed)."""
+          export: Callable[[Path, dict], None], out_dir: Path) -> dict[str, Any]:
+    """Train to `config.steps`; returns the summary written to summary.json. `train_step` is
+    a plan's step (`make_train_step`, `make_pipeline_train_step`): the compressor it carries
+    has its per-replica state checkpointed and its bytes counted."""
+    compressor = train_step.compressor
     log = ChiefLog(out_dir, dist.is_chief)
     log.write_json("config.json", {**config.to_dict(), "world_size": dist.num_replicas})
     ckpt_dir = out_dir / "checkpoints"
@@ -98,14 +99,14 @@ def train(config, dist: Dist, *, model: keras.Model, optimizer, train_step: Call
                           "count": steady["count"] + count}
             first_window_done = True
             window_start, window_steps, window_counts = time.perf_counter(), 0, []
-        if config.checkpoint_every and done % config.checkpoint_every == 0:
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done != config.steps:
             state.save(ckpt_dir, done)
         if config.eval_every and done % config.eval_every == 0 and done != config.steps:
             log.write({"step": done, **evaluate()})
         progress.update(1)
     progress.close()
-    saved_last_step = config.checkpoint_every and config.steps % config.checkpoint_every == 0
-    if start < config.steps and not saved_last_step:
+    if start < config.steps:
+        compressor.flush(dist)  # the model evaluated, saved and exported holds every update
         state.save(ckpt_dir, config.steps)
     results = evaluate()
     throughput = _throughput(config.global_batch_size, steady)

@@ -108,8 +108,8 @@ def main():
         schedule = WarmupCosine(peak, cfg.warmup_steps, cfg.steps)
         optimizer = (keras.optimizers.Adam(schedule) if cfg.optimizer == "adam" else
                      keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True))
-    compressor = make_compressor(cfg.compression)
-    train_step = make_train_step(dist, model, optimizer, loss_sums, cfg.accum_steps, compressor, cfg.clip_norm)
+    train_step = make_train_step(dist, model, optimizer, loss_sums, cfg.accum_steps, make_compressor(cfg.compression),
+                                 cfg.clip_norm)
 
     def make_batches(start_step):
         # Horovod: each process reads its interleaved shard of the same shuffled stream.
@@ -124,7 +124,7 @@ def main():
 
     summary = train(cfg, dist, model=model, optimizer=optimizer, train_step=train_step,
                     make_batches=make_batches, evaluate=lambda: evaluate(run, model, data, cfg.max_test),
-                    export=export, out_dir=run.out_dir, compressor=compressor)
+                    export=export, out_dir=run.out_dir)
     if dist.is_chief:
         print(f"test accuracy = {summary['test_accuracy']:.4f} on {summary['test_images']} test images "
               f"({summary['world_size']} replicas, final loss {summary['final_loss']:.4f})")

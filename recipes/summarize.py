@@ -74,9 +74,10 @@ def lm_loss(model, batch, training):
     return lm_loss_sums(model(ids, training=training), labels, model.group)
 
 
-def make_step(run, model, optimizer, compressor):
+def make_step(run, model, optimizer):
     """The data-parallel step, or the pipeline schedule's step when the plan has stages."""
     cfg, dist = run.config, run.dist
+    compressor = make_compressor(cfg.compression)
     if dist.group("pipeline").size == 1:
         return make_train_step(dist, model, optimizer, lm_loss, cfg.accum_steps, compressor, cfg.clip_norm), None
     if cfg.accum_steps > 1:
@@ -141,8 +142,7 @@ def main():
         model = build_model(run, size)
         peak = scaled_lr(cfg.lr, cfg.global_batch_size, cfg.lr_reference_batch, cfg.lr_scaling)
         optimizer = keras.optimizers.Adam(WarmupCosine(peak, cfg.warmup_steps, cfg.steps))
-    compressor = make_compressor(cfg.compression)
-    train_step, runner = make_step(run, model, optimizer, compressor)
+    train_step, runner = make_step(run, model, optimizer)
 
     def make_batches(start_step):
         # Each data-parallel rank (all stages and tensor ranks of it alike) reads one shard.
@@ -156,7 +156,7 @@ def main():
 
     summary = train(cfg, dist, model=model, optimizer=optimizer, train_step=train_step, make_batches=make_batches,
                     evaluate=lambda: evaluate(run, data, model, runner, cfg.max_test), export=export,
-                    out_dir=run.out_dir, compressor=compressor)
+                    out_dir=run.out_dir)
     if dist.is_chief:
         print(f"ROUGE-1/2/L = {summary['rouge1']:.1f}/{summary['rouge2']:.1f}/{summary['rougeL']:.1f} on "
               f"{summary['test_documents']} held-out documents (plan {run.plan}, final loss {summary['final_loss']:.4f})")

@@ -101,8 +101,8 @@ def main():
         peak = scaled_lr(cfg.lr, cfg.global_batch_size, cfg.lr_reference_batch, cfg.lr_scaling)
         optimizer = keras.optimizers.Adam(WarmupCosine(peak, cfg.warmup_steps, cfg.steps))
     decoder = GreedyDecoder(model, data.tokenizer.bos_id, data.tokenizer.eos_id)
-    compressor = make_compressor(cfg.compression)
-    train_step = make_train_step(dist, model, optimizer, loss_sums, cfg.accum_steps, compressor, cfg.clip_norm)
+    train_step = make_train_step(dist, model, optimizer, loss_sums, cfg.accum_steps, make_compressor(cfg.compression),
+                                 cfg.clip_norm)
 
     def make_batches(start_step):
         # Horovod: each process reads its interleaved shard of the same shuffled stream.
@@ -116,7 +116,7 @@ def main():
 
     summary = train(cfg, dist, model=model, optimizer=optimizer, train_step=train_step,
                     make_batches=make_batches, evaluate=lambda: evaluate(run, data, decoder, cfg.max_test),
-                    export=export, out_dir=run.out_dir, compressor=compressor)
+                    export=export, out_dir=run.out_dir)
     if dist.is_chief:
         print(f"BLEU = {summary['bleu']:.2f} on {summary['test_sentences']} held-out sentences "
               f"({summary['world_size']} replicas, final loss {summary['final_loss']:.4f})")

@@ -211,7 +211,8 @@ def make_train_step(dist: Dist, model: keras.Model, optimizer: keras.optimizers.
 
     @tf.function
     def train_step(batch):
-        grads, differences, metrics = dist.run_step(replica_step, batch)
+        with compressor.gradient_point():
+            grads, differences, metrics = dist.run_step(replica_step, batch)
         if compressor.compresses_updates:
             step_on_compressed_updates(grads, variables, optimizer, compressor, dist, clip,
                                        differences if halves else None)
@@ -219,4 +220,5 @@ def make_train_step(dist: Dist, model: keras.Model, optimizer: keras.optimizers.
             optimizer.apply(grads, variables)
         return metrics
 
+    train_step.compressor = compressor  # for train(): it checkpoints the state and counts the bytes
     return train_step

@@ -173,10 +173,12 @@ def make_pipeline_train_step(dist: Dist, runner: PipelineRunner, optimizer, micr
         # Every stage reads the same batch, so every stage knows the global token count.
         global_count = dist.sum_across_replicas([tf.add_n([count_fn(m) for m in micro])])[0]
         scale = 1.0 / tf.maximum(global_count, 1.0)
-        grads, totals = runner.run(micro, scale)
+        with compressor.gradient_point():
+            grads, totals = runner.run(micro, scale)
         apply_gradients(grads)
         return _global_metrics(dist, runner, totals, global_count)
 
+    train_step.compressor = compressor  # for train(): it checkpoints the state and counts the bytes
     return train_step
 
 

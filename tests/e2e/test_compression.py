@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from common import checkpoint
 from tests.launchers import rewind_to, run_recipe
 
 pytestmark = pytest.mark.slow
@@ -56,3 +57,11 @@ def test_resume_keeps_what_each_replica_had_not_yet_sent(data_dir, tmp_path):
     resumed = run_recipe("translate", args + ["--resume"], tmp_path, launcher="horovodrun")
     assert resumed.returncode == 0, resumed.output[-3000:]
     np.testing.assert_allclose(resumed.losses()[10:], uninterrupted[10:], rtol=1e-4)
+    # At the end both replicas' unsent updates went into the weights: the last checkpoint
+    # holds empty residuals, and the exported model is its weights.
+    step, arrays = checkpoint.load(tmp_path / "checkpoints")
+    unsent = [name for name in arrays if "/unsent_updates/" in name]
+    assert step == 20 and len(unsent) > 2 and not any(np.any(arrays[name]) for name in unsent)
+    with np.load(tmp_path / "model.npz") as exported:
+        for name in exported.files:
+            np.testing.assert_array_equal(exported[name], arrays[name])

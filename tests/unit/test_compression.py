@@ -87,6 +87,42 @@ def adam_steps(gradient, steps, compressor=None):
     return weights.numpy()
 
 
+def test_top_k_takes_gradients_at_the_weights_plus_its_unsent_updates_and_puts_them_back_exactly():
+    start = tf.random.stateless_normal((4, 5), seed=(6, 0))
+    weights = tf.Variable(start)
+    compressor = make_compressor("topk:0.1")
+    compressor.build([weights], ONE_PROCESS)
+    compressor.residuals[0].assign(tf.random.stateless_normal((4, 5), seed=(6, 1)))
+
+    @tf.function
+    def weights_seen():
+        with compressor.gradient_point():
+            return tf.identity(weights)
+    np.testing.assert_allclose(weights_seen(), start + compressor.residuals[0], rtol=1e-6)
+    np.testing.assert_array_equal(weights.numpy(), start.numpy())  # restored, not subtracted
+
+
+def test_powersgd_takes_gradients_at_the_weights():
+    weights = tf.Variable(tf.ones((4, 5)))
+    compressor = make_compressor("powersgd:1")
+    compressor.build([weights], ONE_PROCESS)
+    compressor.residuals[0].assign(tf.ones((4, 5)))
+    with compressor.gradient_point():
+        np.testing.assert_array_equal(weights.numpy(), 1.0)
+
+
+@pytest.mark.parametrize("spec, weights_after, residual_after", [("topk:0.1", 1.5, 0.0), ("powersgd:1", 1.0, 0.5)])
+def test_flush_puts_unsent_updates_into_the_weights(spec, weights_after, residual_after):
+    # PowerSGD's residuals are gradients, which only the optimizer can turn into weights.
+    weights = tf.Variable(tf.ones((4, 5)))
+    compressor = make_compressor(spec)
+    compressor.build([weights], ONE_PROCESS)
+    compressor.residuals[0].assign(tf.fill((4, 5), 0.5))
+    compressor.flush(ONE_PROCESS)
+    np.testing.assert_array_equal(weights.numpy(), weights_after)
+    np.testing.assert_array_equal(compressor.residuals[0].numpy(), residual_after)
+
+
 def test_compressing_updates_that_lose_nothing_is_the_optimizers_own_step():
     gradient = tf.random.stateless_normal((2, 2), seed=(4, 0))
     np.testing.assert_allclose(adam_steps(gradient, 5, make_compressor("topk:0.9")),  # keeps all 4
@@ -158,7 +194,9 @@ def test_top_k_warm_up_falls_geometrically_from_ten_times_the_fraction():
     matrix = [(1000, 100)]
     assert [compressor.wire_bytes(matrix, step) // 8 for step in (0, 50, 100, 1000)] == [10_000, 3163, 1000, 1000]
     ramp = (10_000 - 1000) / np.log(10)  # entries per step, averaged over the warm-up
-    assert compressor.mean_wire_bytes(matrix, 400) / 8 == pytest.approx((100 * ramp + 300 * 1000) / 400, rel=0.01)
+    flush = 4 * 100_000 / 8  # the residuals' float32 all-reduce at the end, in the same 8-byte units
+    assert compressor.mean_wire_bytes(matrix, 400) / 8 == pytest.approx((100 * ramp + 300 * 1000 + flush) / 400,
+                                                                        rel=0.01)
 
 
 def test_top_k_warm_up_follows_the_optimizer_step():
