@@ -148,37 +148,8 @@ class _ErrorFeedback(Compressor):
 
     def build(self, variables, dist, step=None):
         super().build(variables, dist, step)
-        self.weights = list(variables)
         self.residuals = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="residual")
                           for v in variables]
-
-    @contextlib.contextmanager
-    def gradient_point(self):
-        """Under update compression, each replica takes its gradient at the shared weights plus
-        its own unsent updates: its own steps count at once, and only the other replicas' wait
-        (measured on translate, top-k 1%: held-out token accuracy -3.0% of uncompressed,
-        against -8.7% at the shared weights). The shared weights come back bit for bit after."""
-        if not self.compresses_updates:
-            yield
-            return
-        shared = [tf.identity(w) for w in self.weights]
-        for weight, residual in zip(self.weights, self.residuals):
-            weight.assign_add(residual)
-        try:
-            yield
-        finally:
-            for weight, value in zip(self.weights, shared):
-                weight.assign(value)
-
-    def flush(self, dist):
-        """Under update compression, add every replica's unsent updates to the weights and empty
-        the residuals (one float32 all-reduce), so the trained model holds every step taken."""
-        if not self.compresses_updates:
-            return
-        unsent = dist.sum_across_replicas([tf.identity(r) for r in self.residuals])
-        for weight, total, residual in zip(self.weights, unsent, self.residuals):
-            weight.assign_add(total)
-            residual.assign(tf.zeros_like(residual))
 
     def replica_state(self):
         if self.residuals is None:
@@ -216,6 +187,30 @@ class TopKCompression(_ErrorFeedback):
             raise ValueError("top-k with a warm-up needs the optimizer's step counter")
         super().build(variables, dist, step)
         self.step = step
+        self.weights = list(variables)
+
+    @contextlib.contextmanager
+    def gradient_point(self):
+        """Each replica takes its gradient at the shared weights plus its own unsent updates:
+        its own steps count at once, and only the other replicas' wait (measured on translate:
+        held-out token accuracy -3.0% of uncompressed, against -8.7% at the shared weights).
+        The shared weights come back bit for bit after (copied back, not subtracted)."""
+        shared = [tf.identity(w) for w in self.weights]
+        for weight, residual in zip(self.weights, self.residuals):
+            weight.assign_add(residual)
+        try:
+            yield
+        finally:
+            for weight, value in zip(self.weights, shared):
+                weight.assign(value)
+
+    def flush(self, dist):
+        """Add every replica's unsent updates to the weights and empty the residuals (one
+        float32 all-reduce), so the trained model holds every step taken."""
+        unsent = dist.sum_across_replicas([tf.identity(r) for r in self.residuals])
+        for weight, total, residual in zip(self.weights, unsent, self.residuals):
+            weight.assign_add(total)
+            residual.assign(tf.zeros_like(residual))
 
     def fraction_at(self, step):
         """The fraction sent at `step` (a Python number or a tensor)."""
