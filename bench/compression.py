@@ -11,8 +11,8 @@ mean, and the mean's relative change from uncompressed training's mean, which pa
 --tolerance. Runs that differ only in rounding move the translate metric by about 1%, and top-k
 with a warm-up came out at -1.9%, -1.8% and -3.3% at seeds 0, 1 and 2: a 2% tolerance needs the
 mean of several seeds. The spread of uncompressed training over the seeds is printed as the
-yardstick. The JSON is rewritten after every run, so an interrupted study keeps
-what it finished.
+yardstick. The JSON is rewritten after every value, so an interrupted study keeps what it
+finished.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def row(spec: str, summaries: list[dict], baseline: dict | None, judged: str, sh
     for that row itself)."""
     values = [summary[judged] for summary in summaries]
     mean = statistics.fmean(values)
-    change = mean / (baseline or {"mean": mean})["mean"] - 1.0
+    change = mean / baseline["mean"] - 1.0 if baseline else 0.0
     bytes_per_step = summaries[0]["gradient_wire_bytes"]
     return {"compression": spec, "steps": summaries[0]["steps"], "wire_bytes": bytes_per_step,
             "ratio": summaries[0]["gradient_float32_bytes"] / bytes_per_step,
@@ -66,10 +66,10 @@ def compare(recipe: str, specs: list[str], seeds: list[int], args: list[str], to
     judged, shown = METRICS[recipe]
     report = {"recipe": recipe, "metric": judged, "seeds": seeds, "tolerance": tolerance, "args": args, "rows": []}
     for spec in specs:
-        if report["rows"]:  # the baseline's run length is the recipe's
-            spec = spec.format(third=report["rows"][0]["steps"] // 3)
-        summaries = [train(recipe, spec, args, seed) for seed in seeds]
         baseline = report["rows"][0] if report["rows"] else None
+        if baseline:  # its run length is the recipe's
+            spec = spec.format(third=baseline["steps"] // 3)
+        summaries = [train(recipe, spec, args, seed) for seed in seeds]
         report["rows"].append(row(spec, summaries, baseline, judged, shown, tolerance))
         save(report)
     return report

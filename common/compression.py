@@ -172,9 +172,9 @@ class TopKCompression(_ErrorFeedback):
     matrices whose updates add up fastest send more. Vectors (biases, norm
     scales: few bytes, but few entries each, which a fraction would leave waiting for many
     steps) ride whole in one all-reduce. With a warm-up, the fraction starts 10 times higher
-    (at most 1) and falls geometrically to its final value over the first `warmup` steps: the
-    early updates change the most, and lose the most by waiting (measured on translate: 1%
-    with a warm-up over the first third of the run -2.3% over three seeds, -3.5% without)."""
+    (at most 1) and falls geometrically to its final value over the first `warmup` steps, when
+    the weights change fastest (measured on translate: 1% with a warm-up over the first third
+    of the run -2.3% over three seeds, -3.5% without)."""
 
     WARMUP_START = 10.0  # the fraction at step 0, as a multiple of the final one
     compresses_updates = True
