@@ -64,9 +64,8 @@ def train(config, dist: Dist, *, model: keras.Model, optimizer, train_step: Call
           export: Callable[[Path, dict], None], out_dir: Path) -> dict[str, Any]:
     """Train to `config.steps`; returns the summary written to summary.json. `train_step` is
     a plan's step (`make_train_step`, `make_pipeline_train_step`): the compressor it carries
-    has its per-replica state checkpointed and its bytes counted. A step of one's own that
-    carries none is counted as a float32 all-reduce."""
-    compressor = getattr(train_step, "compressor", Compressor())
+    has its per-replica state checkpointed, flushed at the end and its bytes counted."""
+    compressor = train_step.compressor
     log = ChiefLog(out_dir, dist.is_chief)
     log.write_json("config.json", {**config.to_dict(), "world_size": dist.num_replicas})
     ckpt_dir = out_dir / "checkpoints"
