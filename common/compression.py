@@ -246,18 +246,22 @@ class TopKCompression(_ErrorFeedback):
         step = self.step if self.warmup else 0
         picked = tf.math.top_k(tf.abs(flat), sum(self.kept(t.shape, step) for t in tensors)).indices
         values = tf.gather(flat, picked)
-        unsent = tf.tensor_scatter_nd_update(flat, picked[:, tf.newaxis], tf.zeros_like(values))
+        wire = tf.cast(values, tf.bfloat16)
+        # What rounding to bfloat16 drops stays in the residual, like the entries not picked.
+        unsent = tf.tensor_scatter_nd_update(flat, picked[:, tf.newaxis], values - tf.cast(wire, values.dtype))
         for residual, part in zip(residuals, tf.split(unsent, sizes)):
             residual.assign(tf.reshape(part, residual.shape))
         all_indices = dist.gather_across_replicas(picked)
-        all_values = dist.gather_across_replicas(values)
+        # Horovod's all-gather moves bfloat16 as its int16 bit patterns.
+        all_wire = tf.bitcast(dist.gather_across_replicas(tf.bitcast(wire, tf.int16)), tf.bfloat16)
+        all_values = tf.cast(tf.reshape(all_wire, [-1]), values.dtype)
         # Adds in the order gathered (replica by replica): the same bits on every rank.
-        total = tf.math.unsorted_segment_sum(tf.reshape(all_values, [-1]), tf.reshape(all_indices, [-1]), sum(sizes))
+        total = tf.math.unsorted_segment_sum(all_values, tf.reshape(all_indices, [-1]), sum(sizes))
         return _unflatten(total, tensors)
 
     def wire_bytes(self, shapes, step: int = 0):
-        # An int32 index and a float32 value per entry sent from a matrix; vectors whole.
-        return sum(8 * self.kept(shape, step) if len(shape) >= 2 else 4 * _size(shape) for shape in shapes)
+        # An int32 index and a bfloat16 value per entry sent from a matrix; vectors whole.
+        return sum(6 * self.kept(shape, step) if len(shape) >= 2 else 4 * _size(shape) for shape in shapes)
 
     def mean_wire_bytes(self, shapes, steps):
         """Per step over the run, with the float32 all-reduce of the residuals at its end (`flush`)."""
