@@ -72,6 +72,12 @@ def _unflatten(flat: tf.Tensor, like: Sequence[tf.Tensor]) -> list[tf.Tensor]:
     return [tf.reshape(part, t.shape) for part, t in zip(parts, like)]
 
 
+def _gathered_bfloat16(values: tf.Tensor, dist) -> tf.Tensor:
+    """Every replica's bfloat16 `values`, stacked in replica order; Horovod 0.28.1's all-gather
+    moves them as their int16 bit patterns."""
+    return tf.bitcast(dist.gather_across_replicas(tf.bitcast(values, tf.int16)), tf.bfloat16)
+
+
 class Compressor:
     """Full-precision sum in one fused all-reduce (`--compression=none`)."""
 
@@ -135,8 +141,7 @@ class Bfloat16Compression(CastCompression):
         super().__init__(tf.bfloat16)
 
     def reduce(self, grads, dist):
-        bits = tf.bitcast(tf.cast(_flatten(grads), tf.bfloat16), tf.int16)
-        gathered = tf.cast(tf.bitcast(dist.gather_across_replicas(bits), tf.bfloat16), tf.float32)
+        gathered = tf.cast(_gathered_bfloat16(tf.cast(_flatten(grads), tf.bfloat16), dist), tf.float32)
         total = tf.add_n(tf.unstack(gathered, num=dist.num_replicas))
         return [tf.cast(s, g.dtype) for s, g in zip(_unflatten(total, grads), grads)]
 
@@ -257,9 +262,7 @@ class TopKCompression(_ErrorFeedback):
         for residual, part in zip(residuals, tf.split(unsent, sizes)):
             residual.assign(tf.reshape(part, residual.shape))
         all_indices = dist.gather_across_replicas(picked)
-        # Horovod's all-gather moves bfloat16 as its int16 bit patterns.
-        all_wire = tf.bitcast(dist.gather_across_replicas(tf.bitcast(wire, tf.int16)), tf.bfloat16)
-        all_values = tf.cast(tf.reshape(all_wire, [-1]), values.dtype)
+        all_values = tf.cast(tf.reshape(_gathered_bfloat16(wire, dist), [-1]), values.dtype)
         # Adds in the order gathered (replica by replica): the same bits on every rank.
         total = tf.math.unsorted_segment_sum(all_values, tf.reshape(all_indices, [-1]), sum(sizes))
         return _unflatten(total, tensors)
