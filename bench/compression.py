@@ -10,9 +10,9 @@ summary.json) and the ratio to the float32 all-reduce; the held-out metric of ea
 mean, and the mean's relative change from uncompressed training's mean, which passes within
 --tolerance. Runs that differ only in rounding move the translate metric by about 1%, and top-k
 with a warm-up over half the run came out at -1.4%, -1.3% and -4.3% at seeds 0, 1 and 2: a 2%
-tolerance needs the mean of several seeds. The spread of uncompressed training over the seeds is printed as the
-yardstick. The JSON is rewritten after every value, so an interrupted study keeps what it
-finished.
+tolerance needs the mean of several seeds. The spread of uncompressed training over the seeds
+is printed as the yardstick. The JSON is rewritten after every value, so an interrupted study
+keeps what it finished.
 """
 from __future__ import annotations
 

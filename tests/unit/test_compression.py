@@ -46,7 +46,7 @@ def test_error_feedback_sends_everything_eventually():
     compressor = built("topk:0.05", [gradient.shape])
     step = tf.function(lambda g: compressor.reduce([g], ONE_PROCESS)[0])
     total = step(gradient)
-    for _ in range(19):  # 5 of 100 entries per step: every entry is sent in 20 steps
+    for _ in range(19):  # 5 of 100 entries per step: 20 steps send as many entries as there are
         total += step(tf.zeros_like(gradient))
     residual = compressor.residuals[0].numpy()
     np.testing.assert_allclose(total + residual, gradient, rtol=1e-6)  # nothing lost
