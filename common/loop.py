@@ -43,6 +43,14 @@ class ChiefLog:
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
             path.write_text("".join(line + "\n" for line in kept))
 
+    def last(self, key: str) -> Any:
+        """The latest value of `key` in metrics.jsonl (None if none, or on other ranks)."""
+        path = self.out_dir / "metrics.jsonl"
+        if not (self.enabled and path.exists()):
+            return None
+        values = [record[key] for record in map(json.loads, path.read_text().splitlines()) if key in record]
+        return values[-1] if values else None
+
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
@@ -102,7 +110,8 @@ def train(config, dist: Dist, *, model: keras.Model, optimizer, train_step: Call
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done != config.steps:
             state.save(ckpt_dir, done)
         if config.eval_every and done % config.eval_every == 0 and done != config.steps:
-            log.write({"step": done, **evaluate()})
+            with compressor.evaluation_point(dist):  # what a flush would leave: every step taken
+                log.write({"step": done, **evaluate()})
         progress.update(1)
     progress.close()
     if start < config.steps:
@@ -110,7 +119,8 @@ def train(config, dist: Dist, *, model: keras.Model, optimizer, train_step: Call
         state.save(ckpt_dir, config.steps)
     results = evaluate()
     throughput = _throughput(config.global_batch_size, steady)
-    summary = {"steps": config.steps, "world_size": dist.num_replicas, "final_loss": metrics.get("loss"),
+    final_loss = metrics.get("loss", log.last("loss"))  # a resume with no steps left: the log's last
+    summary = {"steps": config.steps, "world_size": dist.num_replicas, "final_loss": final_loss,
                "parameters_on_chief": sum(int(np.prod(v.shape)) for v in model.trainable_variables),
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                **_gradient_bytes(compressor, model, config.steps), **throughput, **results}

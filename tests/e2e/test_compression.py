@@ -49,10 +49,12 @@ def test_pipeline_stages_share_named_collectives_under_lossy_compression(data_di
 def test_resume_keeps_what_each_replica_had_not_yet_sent(data_dir, tmp_path):
     # Each replica's top-k residual and (top-k compresses Adam's updates) its own optimizer
     # moments are in the checkpoint: steps 11-20 after a resume match the uninterrupted run.
-    args = ARGS + [f"--data_dir={data_dir}", "--compression=topk:0.05", "--checkpoint_every=10"]
+    # The evaluation at step 10 must leave training as it was, and is checked at the end.
+    args = ARGS + [f"--data_dir={data_dir}", "--compression=topk:0.05", "--checkpoint_every=10", "--eval_every=10"]
     first = run_recipe("translate", args, tmp_path, launcher="horovodrun")
     assert first.returncode == 0, first.output[-3000:]
     uninterrupted = first.losses()
+    mid_run_eval = next(m for m in first.metrics() if m["step"] == 10 and "test_loss" in m)
     rewind_to(tmp_path / "checkpoints", 10)
     resumed = run_recipe("translate", args + ["--resume"], tmp_path, launcher="horovodrun")
     assert resumed.returncode == 0, resumed.output[-3000:]
@@ -65,3 +67,11 @@ def test_resume_keeps_what_each_replica_had_not_yet_sent(data_dir, tmp_path):
     with np.load(tmp_path / "model.npz") as exported:
         for name in exported.files:
             np.testing.assert_array_equal(exported[name], arrays[name])
+    # The mid-run evaluation scored the weights plus both replicas' unsent updates: the model
+    # that an uncompressed run resumed from the step-10 checkpoint (which adds them) evaluates.
+    rewind_to(tmp_path / "checkpoints", 10)
+    at_10 = run_recipe("translate", ARGS + [f"--data_dir={data_dir}", "--steps=10", "--resume"], tmp_path,
+                       launcher="horovodrun")
+    assert at_10.returncode == 0, at_10.output[-3000:]
+    for key in ("test_loss", "test_token_accuracy"):
+        assert at_10.summary()[key] == pytest.approx(mid_run_eval[key], rel=1e-5), key

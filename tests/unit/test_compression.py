@@ -124,6 +124,21 @@ def test_powersgd_takes_gradients_at_the_weights():
         np.testing.assert_array_equal(weights.numpy(), 1.0)
 
 
+@pytest.mark.parametrize("spec, added", [("topk:0.1", 0.5), ("powersgd:1", 0.0)])
+def test_a_mid_run_evaluation_scores_the_weights_with_the_unsent_updates_and_changes_nothing(spec, added):
+    # What flush would leave, without flushing: training goes on exactly as without the evaluation.
+    # PowerSGD's residuals are gradients, not weights: nothing to add.
+    start = tf.random.stateless_normal((4, 5), seed=(6, 2))
+    weights = tf.Variable(start)
+    compressor = make_compressor(spec)
+    compressor.build([weights], ONE_PROCESS)
+    compressor.residuals[0].assign(tf.fill((4, 5), 0.5))
+    with compressor.evaluation_point(ONE_PROCESS):
+        np.testing.assert_allclose(weights.numpy(), start + added, rtol=1e-6)
+    np.testing.assert_array_equal(weights.numpy(), start.numpy())
+    np.testing.assert_array_equal(compressor.residuals[0].numpy(), 0.5)
+
+
 @pytest.mark.parametrize("spec, weights_after, residual_after", [("topk:0.1", 1.5, 0.0), ("powersgd:1", 1.0, 0.5)])
 def test_flush_puts_unsent_updates_into_the_weights(spec, weights_after, residual_after):
     # PowerSGD's residuals are gradients, which only the optimizer can turn into weights.
