@@ -217,7 +217,11 @@ class TopKCompression(_ErrorFeedback):
         """The shared weights plus every replica's unsent updates (one float32 all-reduce, not
         counted in the gradient bytes): a mid-run evaluation scores the model a `flush` would
         leave, as the final evaluation does."""
-        return self._weights_moved_by(dist.sum_across_replicas([tf.identity(r) for r in self.residuals]))
+        return self._weights_moved_by(self._all_unsent(dist))
+
+    def _all_unsent(self, dist) -> list[tf.Tensor]:
+        """Every replica's unsent updates, summed (one float32 all-reduce)."""
+        return dist.sum_across_replicas([tf.identity(r) for r in self.residuals])
 
     @contextlib.contextmanager
     def _weights_moved_by(self, deltas):
@@ -235,8 +239,7 @@ class TopKCompression(_ErrorFeedback):
     def flush(self, dist):
         """Add every replica's unsent updates to the weights and empty the residuals (one
         float32 all-reduce), so the trained model holds every step taken."""
-        unsent = dist.sum_across_replicas([tf.identity(r) for r in self.residuals])
-        for weight, total, residual in zip(self.weights, unsent, self.residuals):
+        for weight, total, residual in zip(self.weights, self._all_unsent(dist), self.residuals):
             weight.assign_add(total)
             residual.assign(tf.zeros_like(residual))
 

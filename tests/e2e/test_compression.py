@@ -68,7 +68,8 @@ def test_resume_keeps_what_each_replica_had_not_yet_sent(data_dir, tmp_path):
         for name in exported.files:
             np.testing.assert_array_equal(exported[name], arrays[name])
     # The mid-run evaluation scored the weights plus both replicas' unsent updates: the model
-    # that an uncompressed run resumed from the step-10 checkpoint (which adds them) evaluates.
+    # that an uncompressed run resumed from the step-10 checkpoint (which adds them) evaluates,
+    # with no steps left to train.
     rewind_to(tmp_path / "checkpoints", 10)
     at_10 = run_recipe("translate", ARGS + [f"--data_dir={data_dir}", "--steps=10", "--resume"], tmp_path,
                        launcher="horovodrun")
