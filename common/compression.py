@@ -189,7 +189,7 @@ class TopKCompression(_ErrorFeedback):
     one all-reduce. With a warm-up, the fraction starts 10 times higher (at most 1) and falls
     geometrically to its final value over the first `warmup` steps, when the weights change
     fastest (measured on translate: 1% with a warm-up over the first third of the run -2.1%
-    over three seeds and -2.4% over five, -3.5% without; over half the run -2.4% over the
+    over three seeds and -2.4% over five, -3.3% without; over half the run -2.4% over the
     same three)."""
 
     WARMUP_START = 10.0  # the fraction at step 0, as a multiple of the final one
