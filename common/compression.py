@@ -289,7 +289,8 @@ class TopKCompression(_ErrorFeedback):
 
     def wire_bytes(self, shapes, step: int = 0):
         # ENTRY_BYTES per entry sent from a matrix; vectors whole in float32.
-        return sum(self.ENTRY_BYTES * self.kept(shape, step) if len(shape) >= 2 else 4 * _size(shape) for shape in shapes)
+        return sum(self.ENTRY_BYTES * self.kept(shape, step) if len(shape) >= 2 else 4 * _size(shape)
+                   for shape in shapes)
 
     def mean_wire_bytes(self, shapes, steps):
         """Per step over the run, with the float32 all-reduce of the residuals at its end (`flush`)."""

@@ -119,7 +119,8 @@ def train(config, dist: Dist, *, model: keras.Model, optimizer, train_step: Call
         state.save(ckpt_dir, config.steps)
     results = evaluate()
     throughput = _throughput(config.global_batch_size, steady)
-    final_loss = metrics.get("loss", log.last("loss"))  # a resume with no steps left: the log's last
+    # A resume with no steps left trained nothing: the log's last loss.
+    final_loss = metrics["loss"] if "loss" in metrics else log.last("loss")
     summary = {"steps": config.steps, "world_size": dist.num_replicas, "final_loss": final_loss,
                "parameters_on_chief": sum(int(np.prod(v.shape)) for v in model.trainable_variables),
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
