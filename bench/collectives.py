@@ -5,7 +5,7 @@
 
 Starts itself as `mpirun -np 2 ... --worker` (one thread per process) and prints, per buffer
 size (float32), the bus bandwidth 2(n-1)/n x bytes / time of
-- `Dist.sum_across_replicas` (one `hvd.grouped_allreduce`, in a `tf.function`: the path every
+- `dist.data.sum` (one `hvd.grouped_allreduce`, in a `tf.function`: the path every
   gradient takes), and
 - mpi4py `COMM_WORLD.Allreduce` on the same buffer (in place of Horovod's, NumPy arrays),
 with their ratio. Then many small tensors (default 100 x 64 KiB): one grouped all-reduce against
@@ -82,7 +82,7 @@ def measure_size(dist, comm, size: int, rounds: int) -> dict:
     from mpi4py import MPI
     tensor = tf.random.uniform([size // 4])
     send, receive = tensor.numpy(), np.empty(size // 4, np.float32)
-    project_sum = tf.function(lambda t: dist.sum_across_replicas([t])[0])
+    project_sum = tf.function(lambda t: dist.data.sum([t])[0])
     ops = {"horovod": lambda: project_sum(tensor),
            "mpi4py": lambda: comm.Allreduce(send, receive, op=MPI.SUM)}
     return {"bytes": size, "seconds": timed(ops, comm, rounds, max(1, min(50, REPEAT_BYTES // size)))}
@@ -94,7 +94,7 @@ def measure_fusion(dist, comm, count: int, size: int, rounds: int) -> dict:
     import horovod.tensorflow as hvd
     import tensorflow as tf
     tensors = [tf.random.uniform([size // 4]) for _ in range(count)]
-    grouped = tf.function(lambda ts: dist.sum_across_replicas(ts))
+    grouped = tf.function(lambda ts: dist.data.sum(ts))
     # Not the project's path: the per-tensor alternatives it is compared with.
     at_once = tf.function(lambda ts: [hvd.allreduce(t, op=hvd.Sum) for t in ts])
     single = tf.function(lambda t: hvd.allreduce(t, op=hvd.Sum))
@@ -108,9 +108,8 @@ def worker(options) -> None:
     import tensorflow as tf
     tf.config.threading.set_intra_op_parallelism_threads(1)
     from common import dist as dist_lib
-    from common.plans.mesh import build_mesh, parse_plan
-    dist = dist_lib.init("horovod", seed=0, deterministic=False)
-    dist = dist.with_mesh(build_mesh(parse_plan("data"), dist.num_processes))
+    from common.mesh import parse_plan
+    dist = dist_lib.init("horovod", parse_plan("data"), seed=0, deterministic=False)
     comm = MPI.COMM_WORLD
     report = {"processes": dist.num_processes,  # and the knobs as this process saw them:
               "environment": {key: os.environ.get(key) for key in KNOB_VARIABLES},

@@ -93,22 +93,20 @@ def make_optimizer():
 # and returns a loss tensor.
 def horovod_plan(options) -> tuple[Callable[[], tf.Tensor], int, int]:
     """The project's data plan on Horovod processes (any count, plain python = one)."""
-    from common import dist as dist_lib
-    from common.plans.data import make_train_step
-    from common.plans.mesh import build_mesh, parse_plan
-    dist = dist_lib.init("horovod", seed=options.seed, deterministic=False)
-    dist = dist.with_mesh(build_mesh(parse_plan("data"), dist.num_processes),
-                          grouped_allreduce=options.allreduce == "grouped")
-    with dist.model_scope(options.seed):  # the same seed on every rank: equal weights, no broadcast
+    from common import api
+    from common.config import TrainConfig
+    run = api.start(TrainConfig, "synthetic", [f"--seed={options.seed}", f"--allreduce={options.allreduce}",
+                                               "--clip_norm=0"])
+    with run.model_scope():  # the same seed on every rank: equal weights, no broadcast
         model = build_model(options)
 
     def loss_sums(model, batch, training):
         losses = per_example_losses(model, *batch)
         return tf.reduce_sum(losses), tf.cast(tf.size(losses), tf.float32), {}
 
-    train_step = make_train_step(dist, model, make_optimizer(), loss_sums)
+    train_step = api.make_step(run, model, make_optimizer(), loss_sums)
     batches = repeated(synthetic_batch(options))
-    return (lambda: train_step(next(batches))["loss"]), dist.process_rank, 1
+    return (lambda: train_step(next(batches))["loss"]), run.dist.process_rank, 1
 
 
 def plain_keras(options) -> tuple[Callable[[], tf.Tensor], int, int]:

@@ -1,5 +1,6 @@
 """Recipe configuration: one frozen dataclass per recipe, set from `--key=value` flags.
 
+Pure Python: a recipe checks its flags before TensorFlow loads, so a typo fails in a moment.
 Every field is a flag with a type, a default and a one-line help (`flag(...)`). A recipe
 subclasses `TrainConfig`, adds its own fields and may list `DEBUG` overrides that `--debug`
 applies (flags given explicitly still win). An unknown flag or a bad value raises
@@ -9,12 +10,16 @@ every rank does on its own, before any collective, so no rank is left waiting.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import typing
+from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-from common.compression import SPEC_HELP, make_compressor
 from common.errors import ConfigError, exit_with
+
+COMPRESSION_HELP = ("none, fp16, bf16, topk:F (0 < F < 1, e.g. topk:0.01), powersgd:R (R >= 1, e.g. powersgd:4), "
+                    "or topk_updates:F (top-k of each replica's optimizer update, data plans)")
 
 
 def flag(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any:
@@ -43,7 +48,7 @@ class TrainConfig:
     backend: str = flag("horovod", "horovod (processes) or mirrored (devices of one process)",
                         choices=("horovod", "mirrored"))
     mirrored_devices: int = flag(0, "mirrored: devices to use; 0 = all GPUs, or 2 logical CPUs")
-    compression: str = flag("none", f"gradient compression on the wire: {SPEC_HELP}")
+    compression: str = flag("none", f"gradient compression on the wire: {COMPRESSION_HELP}")
     allreduce: str = flag("grouped", "horovod: each collective sum as one grouped all-reduce, or per_tensor: one "
                           "all-reduce per tensor (gradients: as each becomes ready)", choices=("grouped", "per_tensor"))
     intra_op_threads: int = flag(0, "TensorFlow intra-op threads per process; 0 = TF default")
@@ -68,10 +73,42 @@ class TrainConfig:
         for name in ("warmup_steps", "checkpoint_every", "eval_every", "intra_op_threads", "mirrored_devices"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        make_compressor(self.compression)  # raises on a bad spec
+        parse_compression(self.compression)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig(TrainConfig):
+    """The model flags of the Transformer recipes."""
+
+    vocab_size: int = flag(4000, "subword vocabulary size")
+    d_model: int = flag(128, "model width")
+    heads: int = flag(4, "attention heads")
+    layers: int = flag(2, "Transformer layers")
+    ff_dim: int = flag(512, "feed-forward width")
+    dropout: float = flag(0.1, "dropout rate (0 under --deterministic)")
+
+    def validate(self):
+        super().validate()
+        if self.d_model % self.heads:
+            raise ConfigError(f"--d_model={self.d_model} must be a multiple of --heads={self.heads}")
+
+
+def parse_compression(spec: str) -> tuple[str, float | int | None]:
+    """`--compression` as (codec name, its argument or None); ConfigError if it names none."""
+    name, has_arg, arg = spec.partition(":")
+    try:
+        if name in ("none", "fp16", "bf16") and not has_arg:
+            return name, None
+        if name in ("topk", "topk_updates") and 0 < float(arg) < 1:
+            return name, float(arg)
+        if name == "powersgd" and int(arg) >= 1:
+            return name, int(arg)
+    except ValueError:
+        pass
+    raise ConfigError(f"--compression must be {COMPRESSION_HELP}; got {spec!r}")
 
 
 def _convert(name: str, text: str, kind: type) -> Any:
@@ -134,6 +171,17 @@ def help_text(cls: type[TrainConfig]) -> str:
     for f in dataclasses.fields(cls):
         lines.append(f"  --{f.name}={f.default!r:<12} {types[f.name].__name__:<5} {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+def load_saved(cls: type[TrainConfig], out_dir: str | Path) -> TrainConfig:
+    """The config a finished run wrote to its config.json (keys `cls` does not know are left out)."""
+    saved = json.loads((Path(out_dir) / "config.json").read_text())
+    return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
+
+
+def check_flags(cls: type[TrainConfig]) -> None:
+    """What a recipe runs before it imports TensorFlow: --help, or a bad flag, ends it at once."""
+    parse_or_exit(cls)
 
 
 def parse_or_exit(cls: type[TrainConfig], argv: Sequence[str] | None = None) -> TrainConfig:

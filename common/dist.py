@@ -5,23 +5,24 @@ Two backends share one interface, so plans and the loop never ask which one runs
   gives one process), laid out on a data x tensor x pipeline `Mesh`; each axis of it is a
   `Group` (a Horovod process set). Gradients travel with Horovod's fused ring all-reduce.
 - `mirrored`: `tf.distribute.MirroredStrategy` over the devices of one process (its GPUs,
-  or N logical CPU devices, which is how the tests run it); data parallelism only.
+  or N logical CPU devices, which is how the tests run it); data parallelism only. Its data
+  group is a `ReplicaGroup`, whose collectives run in the strategy's replica context.
 
-A training step is written for one replica and its share of the global batch; it calls
-`sum_across_replicas` for the values that must be global. `run_step` runs it on every replica.
+A training step is written for one replica and its share of the global batch; it sums what
+must be global over `dist.data`. `run_step` runs it on every replica.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from common.errors import ConfigError, RecipeError
-from common.plans.mesh import AXES, Mesh
+from common.mesh import AXES, Mesh, Plan, build_mesh
 
 Nest = Any
 
@@ -71,31 +72,55 @@ class Group:
         import horovod.tensorflow as hvd
         return hvd.allgather(tensor, process_set=self.process_set)
 
-    def broadcast_from_first(self, variables: Sequence[Any]) -> None:
-        """Give the group the values of its first member, in one collective over a flat
-        buffer (a sum to which the others add zeros: unambiguous for any process set)."""
+    def broadcast(self, tensor: tf.Tensor, root: int = 0, name: str | None = None) -> tf.Tensor:
+        """Member `root`'s `tensor` on every member: a sum to which the others add zeros, one
+        collective that means the same for any process set."""
+        if self.size == 1:
+            return tensor
+        return self.sum([tensor if self.index == root else tf.zeros_like(tensor)], name=name)[0]
+
+    def broadcast_variables(self, variables: Sequence[Any]) -> None:
+        """Give the group the values of its first member, in one collective over a flat float64
+        buffer (exact for float32 values and integer counters alike)."""
         if self.size == 1 or not variables:
             return
-        flat = tf.concat([tf.reshape(tf.cast(v, tf.float64), [-1]) for v in variables], axis=0)
-        flat = self.sum([flat * (1.0 if self.index == 0 else 0.0)])[0]
-        offset = 0
-        for v in variables:
-            size = int(np.prod(v.shape))
-            v.assign(tf.cast(tf.reshape(flat[offset:offset + size], v.shape), v.dtype))
-            offset += size
+        flat = self.broadcast(tf.concat([tf.reshape(tf.cast(v, tf.float64), [-1]) for v in variables], 0))
+        for v, part in zip(variables, tf.split(flat, [int(np.prod(v.shape)) for v in variables])):
+            v.assign(tf.cast(tf.reshape(part, v.shape), v.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaGroup:
+    """The replicas of a MirroredStrategy: devices of this one process. Sums run in the
+    strategy's replica context; its variables are mirrored, so a broadcast has nothing to do."""
+
+    size: int
+    index: int = 0
+
+    def sum(self, tensors: Sequence[tf.Tensor], name: str | None = None) -> list[tf.Tensor]:
+        context = tf.distribute.get_replica_context()
+        return list(context.all_reduce(tf.distribute.ReduceOp.SUM, list(tensors)))
+
+    def gather(self, tensor: tf.Tensor) -> tf.Tensor:
+        raise ConfigError("gathering across replicas needs --backend=horovod")
+
+    def broadcast_variables(self, variables: Sequence[Any]) -> None:
+        """Nothing to do: MirroredStrategy keeps every replica's copy the same."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Dist:
+    """This process's place in the job: its mesh coordinates and its group along each axis."""
+
     backend: str
     process_rank: int
     num_processes: int
     local_rank: int
-    num_replicas: int                  # data-parallel replicas in the whole job
-    mesh: Mesh | None = None           # horovod: the process grid
-    groups: Mapping[str, Group] = dataclasses.field(default_factory=dict)  # horovod: this process's
+    mesh: Mesh
+    data: Group | ReplicaGroup
+    tensor: Group
+    pipeline: Group
     strategy: tf.distribute.Strategy | None = None
-    _pending_sends: list = dataclasses.field(default_factory=list)
 
     @property
     def is_chief(self) -> bool:
@@ -104,50 +129,21 @@ class Dist:
     @property
     def coords(self) -> dict[str, int]:
         """This process's place on the mesh (all zeros under mirrored)."""
-        return self.mesh.coords(self.process_rank) if self.mesh else dict.fromkeys(AXES, 0)
+        return self.mesh.coords(self.process_rank)
+
+    @property
+    def num_replicas(self) -> int:
+        """Data-parallel replicas in the whole job."""
+        return self.data.size
 
     @property
     def input_shards(self) -> int:
         """Into how many shares the input stream is cut (one per data-parallel process)."""
-        return self.mesh.data if self.mesh else 1
-
-    @property
-    def replicas_per_process(self) -> int:
-        return self.num_replicas // self.input_shards
+        return self.mesh.data
 
     def scope(self):
         """Where models and optimizers are built (MirroredStrategy places variables there)."""
         return self.strategy.scope() if self.strategy else contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def model_scope(self, seed: int):
-        """Build the model here: the seed is set on entry, so whatever ran before (data
-        preparation draws random numbers too) cannot change the initial weights."""
-        import keras
-        keras.utils.set_random_seed(seed)
-        with self.scope():
-            yield
-
-    def group(self, axis: str) -> Group:
-        """This process's group along a mesh axis (a group of one under mirrored)."""
-        return self.groups.get(axis) or Group((self.process_rank,), 0)
-
-    # ---------------------------------------------------------------- in-graph collectives
-    def sum_across_replicas(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
-        """Element-wise sums over the data-parallel replicas, in one fused collective."""
-        if self.num_replicas == 1:
-            return list(tensors)
-        if self.backend == "mirrored":
-            context = tf.distribute.get_replica_context()
-            return list(context.all_reduce(tf.distribute.ReduceOp.SUM, list(tensors)))
-        return self.group("data").sum(tensors)
-
-    def gather_across_replicas(self, tensor: tf.Tensor) -> tf.Tensor:
-        """Every data-parallel replica's `tensor` (the same shape on each), stacked along a new
-        first axis in replica order. Horovod backend only (its all-gather moves any bits)."""
-        if self.backend != "horovod" and self.num_replicas > 1:
-            raise ConfigError("gathering gradients across replicas needs --backend=horovod")
-        return self.group("data").gather(tensor[tf.newaxis])
 
     def run_step(self, step_fn: Callable[[Nest], Nest], batch: Nest) -> Nest:
         """Run a per-replica step. `batch` is this process's share of the global batch;
@@ -155,7 +151,7 @@ class Dist:
         replica's outputs (the step reduces what must be global)."""
         if self.strategy is None:
             return step_fn(batch)
-        count = self.replicas_per_process
+        count = self.data.size
 
         def replica_slice(context: tf.distribute.ValueContext) -> Nest:
             index = context.replica_id_in_sync_group
@@ -165,7 +161,7 @@ class Dist:
         outputs = self.strategy.run(step_fn, args=(per_replica,))
         return tf.nest.map_structure(lambda v: self.strategy.experimental_local_results(v)[0], outputs)
 
-    # ---------------------------------------------------------------- host-side helpers
+    # ---------------------------------------------------------------- host-side, every process
     def broadcast_error(self, message: str | None) -> None:
         """Raise the chief's error on every process: for checks only the chief can make
         (it alone reads a checkpoint), so no other rank waits forever in a collective."""
@@ -175,67 +171,30 @@ class Dist:
 
     def broadcast_object(self, obj: Any) -> Any:
         """The chief's `obj` (picklable) on every process."""
-        if self.backend == "horovod" and self.num_processes > 1:
-            import horovod.tensorflow as hvd
-            return hvd.broadcast_object(obj, root_rank=0)
-        return obj
+        if self.num_processes == 1:
+            return obj
+        import horovod.tensorflow as hvd
+        return hvd.broadcast_object(obj, root_rank=0)
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every process's `obj`, in rank order, on every process (host-side, picklable)."""
-        if self.backend == "horovod" and self.num_processes > 1:
-            import horovod.tensorflow as hvd
-            return list(hvd.allgather_object(obj, name="gather_objects"))
-        return [obj]
+        if self.num_processes == 1:
+            return [obj]
+        import horovod.tensorflow as hvd
+        return list(hvd.allgather_object(obj, name="gather_objects"))
+
+    def gather_replica_objects(self, obj: Any) -> list[Any]:
+        """One `obj` per data-parallel replica, in replica order, on every process: the
+        tensor and pipeline peers of a replica hold the same one, so only its first counts."""
+        parts = self.gather_objects((self.coords, obj))
+        firsts = [(coords["data"], value) for coords, value in parts
+                  if coords["tensor"] == 0 and coords["pipeline"] == 0]
+        return [value for _, value in sorted(firsts, key=lambda part: part[0])]
 
     def barrier(self) -> None:
-        if self.backend == "horovod" and self.num_processes > 1:
+        if self.num_processes > 1:
             import horovod.tensorflow as hvd
             hvd.allreduce(tf.constant(0.0), op=hvd.Sum, name="barrier")
-
-    # ---------------------------------------------------------------- point-to-point (mpi4py)
-    def send(self, array: np.ndarray, dest: int, tag: int) -> None:
-        """Start sending `array` to process `dest`; `wait_sends` completes it. Non-blocking, so
-        two stages that send to each other before receiving cannot deadlock."""
-        from mpi4py import MPI
-        array = np.ascontiguousarray(array)
-        self._pending_sends.append((MPI.COMM_WORLD.Isend(array, dest=dest, tag=tag), array))
-
-    def receive(self, shape, source: int, tag: int, dtype=np.float32) -> np.ndarray:
-        from mpi4py import MPI
-        buffer = np.empty(shape, dtype)
-        MPI.COMM_WORLD.Recv(buffer, source=source, tag=tag)
-        return buffer
-
-    def wait_sends(self) -> None:
-        from mpi4py import MPI
-        MPI.Request.Waitall([request for request, _ in self._pending_sends])
-        self._pending_sends.clear()
-
-    def with_mesh(self, mesh: Mesh, grouped_allreduce: bool = True) -> "Dist":
-        """Lay the processes out on `mesh`: one process set per group, created in the same
-        order on every rank (Horovod requires it). Call on every rank. `grouped_allreduce`:
-        see `Group.sum`."""
-        if self.backend != "horovod":
-            if (mesh.tensor, mesh.pipeline) != (1, 1):
-                raise ConfigError("tensor and pipeline plans run on Horovod processes: "
-                                  "drop --backend=mirrored")
-            return self
-        import horovod.tensorflow as hvd
-        if mesh.pipeline > 1 and not hvd.mpi_enabled():
-            raise ConfigError("pipeline plans send activations over MPI: launch with mpirun or "
-                              "horovodrun without --gloo")
-        groups = {}
-        for axis in AXES:
-            for ranks in mesh.groups(axis):
-                if len(ranks) == self.num_processes:
-                    process_set = hvd.global_process_set
-                elif len(ranks) > 1:
-                    process_set = hvd.add_process_set(list(ranks))
-                else:
-                    process_set = None
-                if self.process_rank in ranks:
-                    groups[axis] = Group(ranks, ranks.index(self.process_rank), process_set, grouped_allreduce)
-        return dataclasses.replace(self, mesh=mesh, groups=groups, num_replicas=mesh.data)
 
 
 def configure_threads(intra_op_threads: int) -> None:
@@ -246,10 +205,10 @@ def configure_threads(intra_op_threads: int) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(intra_op_threads)
 
 
-def _init_horovod() -> Dist:
+def _init_horovod(plan: Plan, grouped_allreduce: bool) -> Dist:
     # Open MPI busy-polls while a rank waits in a collective, so Horovod's background thread
-    # spins on a core the TensorFlow threads need. Yielding measured 1.3x the 2-process
-    # throughput of translate on 2 cores. Set before MPI starts (hvd.init); a user's value wins.
+    # spins on a core the TensorFlow threads need (bench/README.md has the measurement). Set
+    # before MPI starts (hvd.init); a user's value wins.
     os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     try:
         import horovod.tensorflow as hvd
@@ -257,23 +216,48 @@ def _init_horovod() -> Dist:
         raise RecipeError(f"Horovod is not installed ({error}): run scripts/setup.sh, "
                           "or pass --backend=mirrored") from None
     hvd.init(process_sets="dynamic")
+    mesh = build_mesh(plan, hvd.size())
+    if mesh.pipeline > 1 and not hvd.mpi_enabled():
+        raise ConfigError("pipeline plans send activations over MPI: launch with mpirun or "
+                          "horovodrun without --gloo")
     # Horovod: pin one GPU per process, by local rank.
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         gpu = gpus[hvd.local_rank() % len(gpus)]
         tf.config.experimental.set_memory_growth(gpu, True)
         tf.config.set_visible_devices(gpu, "GPU")
-    return Dist("horovod", hvd.rank(), hvd.size(), hvd.local_rank(), hvd.size())
+    groups = _process_sets(mesh, hvd.rank(), grouped_allreduce)
+    return Dist("horovod", hvd.rank(), hvd.size(), hvd.local_rank(), mesh, **groups)
+
+
+def _process_sets(mesh: Mesh, rank: int, grouped_allreduce: bool) -> dict[str, Group]:
+    """This rank's group along each axis: one process set per group, created in the same
+    order on every rank (Horovod requires it)."""
+    import horovod.tensorflow as hvd
+    groups = {}
+    for axis in AXES:
+        for ranks in mesh.groups(axis):
+            if len(ranks) == mesh.world_size:
+                process_set = hvd.global_process_set
+            elif len(ranks) > 1:
+                process_set = hvd.add_process_set(list(ranks))
+            else:
+                process_set = None
+            if rank in ranks:
+                groups[axis] = Group(ranks, ranks.index(rank), process_set, grouped_allreduce)
+    return groups
 
 
 def _launched_by_mpi() -> bool:
     return any(key in os.environ for key in ("OMPI_COMM_WORLD_SIZE", "HOROVOD_SIZE", "PMI_SIZE"))
 
 
-def _init_mirrored(requested_devices: int) -> Dist:
+def _init_mirrored(plan: Plan, requested_devices: int) -> Dist:
     if _launched_by_mpi():
         raise ConfigError("--backend=mirrored runs in one process: start it with plain python, "
                           "not horovodrun/mpirun")
+    if (plan.tensor, plan.pipeline) != (1, 1):
+        raise ConfigError("tensor and pipeline plans run on Horovod processes: drop --backend=mirrored")
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         count = requested_devices or len(gpus)
@@ -286,19 +270,21 @@ def _init_mirrored(requested_devices: int) -> Dist:
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
         devices = [f"/cpu:{i}" for i in range(count)]
-    strategy = tf.distribute.MirroredStrategy(devices)
-    return Dist("mirrored", 0, 1, 0, count, strategy=strategy)
+    alone = Group((0,), 0)
+    return Dist("mirrored", 0, 1, 0, Mesh(1, 1, 1), ReplicaGroup(count), alone, alone,
+                tf.distribute.MirroredStrategy(devices))
 
 
-def init(backend: str, *, seed: int, deterministic: bool, intra_op_threads: int = 0,
-         mirrored_devices: int = 0) -> Dist:
-    """Start the backend; call once, before any other TensorFlow work. Horovod processes
-    then need `with_mesh` before any collective."""
+def init(backend: str, plan: Plan, *, seed: int, deterministic: bool, intra_op_threads: int = 0,
+         mirrored_devices: int = 0, grouped_allreduce: bool = True) -> Dist:
+    """Start the backend and lay the processes out on the plan's mesh; call once on every
+    process, before any other TensorFlow work. `grouped_allreduce`: see `Group.sum`."""
     configure_threads(intra_op_threads)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
-    dist = _init_mirrored(mirrored_devices) if backend == "mirrored" else _init_horovod()
-    # The same seed everywhere: equal data order on every rank (models reseed in model_scope).
+    dist = (_init_mirrored(plan, mirrored_devices) if backend == "mirrored"
+            else _init_horovod(plan, grouped_allreduce))
+    # The same seed everywhere: equal data order on every rank (models reseed in Run.model_scope).
     import keras
     keras.utils.set_random_seed(seed)
     return dist

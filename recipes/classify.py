@@ -11,22 +11,10 @@ installs and reports top-1 accuracy on the 10,000 test images, evaluated by all 
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
-import keras
-import numpy as np
-
-from common import launch
-from common.compression import make_compressor
-from common.config import TrainConfig, flag
-from common.data.images import DEFAULT_SOURCE_DIR, ImageData, load_images
-from common.data.pipeline import sharded_batches
+from common.config import TrainConfig, check_flags, flag
+from common.data.images import DEFAULT_SOURCE_DIR
 from common.errors import ConfigError
-from common.loop import held_out_metrics, train
-from common.models.convnet import ConvNetSize, build_convnet, loss_sums
-from common.plans.data import WarmupCosine, make_train_step, scaled_lr
-from common.state import variable_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,65 +55,52 @@ class ClassifyConfig(TrainConfig):
             raise ConfigError(f"--groups={self.groups} does not divide the widths {uneven}: "
                               "pick --groups dividing every --widths entry")
 
-    def model_size(self, data: ImageData) -> ConvNetSize:
-        return ConvNetSize(tuple(data.train_images.shape[1:]), len(data.class_names), self.stage_widths(),
-                           self.blocks, self.groups)
+
+if __name__ == "__main__":
+    check_flags(ClassifyConfig)  # a bad flag fails here, in a moment, before TensorFlow loads
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from common import api  # noqa: E402
+from common.data.images import load_images  # noqa: E402
+from common.models.convnet import ConvNetSize, build_convnet, loss_sums  # noqa: E402
 
 
-def evaluate(run, model: keras.Model, data: ImageData, max_test: int) -> dict:
-    """Top-1 accuracy and mean loss on the test split ("test_accuracy", "test_loss"), scored by
-    all ranks together."""
-    count = len(data.test_labels) if not max_test else min(max_test, len(data.test_labels))
-    scores = held_out_metrics(run.dist, model, loss_sums, (data.test_images[:count], data.test_labels[:count]))
-    return {**scores, "test_images": count}
+def model_size(cfg: ClassifyConfig, image_shape, num_classes: int) -> ConvNetSize:
+    return ConvNetSize(tuple(image_shape), num_classes, cfg.stage_widths(), cfg.blocks, cfg.groups)
 
 
-def load_trained(out_dir: str) -> tuple[keras.Model, list[str]]:
+def load_trained(out_dir: str):
     """The exported model of a finished run, on one process, and its class names."""
-    out = Path(out_dir)
-    saved = json.loads((out / "config.json").read_text())
-    cfg = ClassifyConfig(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(ClassifyConfig)}})
-    images = json.loads((out / "images.json").read_text())
-    class_names = images["class_names"]
-    model = build_convnet(ConvNetSize(tuple(images["image_shape"]), len(class_names), cfg.stage_widths(),
-                                      cfg.blocks, cfg.groups))
-    with np.load(out / "model.npz") as weights:
-        for name, v in zip(variable_names(model.variables), model.variables):
-            v.assign(weights[name])
-    return model, class_names
+    cfg = api.load_saved(ClassifyConfig, out_dir)
+    images = json.loads((Path(out_dir) / "images.json").read_text())
+    model = build_convnet(model_size(cfg, images["image_shape"], len(images["class_names"])))
+    api.load_weights(model, Path(out_dir) / "model.npz")
+    return model, images["class_names"]
 
 
-# -------------------------------------------------------------------------------------- main
-@launch.guarded
+@api.guarded
 def main():
-    run = launch.start(ClassifyConfig, "classify", axes=("data",))
-    cfg, dist = run.config, run.dist
+    run = api.start(ClassifyConfig, "classify", axes=("data",))
+    cfg = run.config
     data = load_images(data_dir=run.data_dir, dataset=cfg.dataset or None, debug=cfg.debug,
                        source_dir=cfg.source_dir)
-    with dist.model_scope(cfg.seed):
-        model = build_convnet(cfg.model_size(data))
-        peak = scaled_lr(cfg.lr, cfg.global_batch_size, cfg.lr_reference_batch, cfg.lr_scaling)
-        schedule = WarmupCosine(peak, cfg.warmup_steps, cfg.steps)
-        optimizer = (keras.optimizers.Adam(schedule) if cfg.optimizer == "adam" else
-                     keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True))
-    train_step = make_train_step(dist, model, optimizer, loss_sums, cfg.accum_steps, make_compressor(cfg.compression),
-                                 cfg.clip_norm)
+    with run.model_scope():
+        model = build_convnet(model_size(cfg, data.train_images.shape[1:], len(data.class_names)))
+        optimizer = api.make_optimizer(cfg, cfg.optimizer)
+    step = api.make_step(run, model, optimizer, loss_sums)
+    count = len(data.test_labels) if not cfg.max_test else min(cfg.max_test, len(data.test_labels))
+    test_set = (data.test_images[:count], data.test_labels[:count])
 
-    def make_batches(start_step):
-        # Horovod: each process reads its interleaved shard of the same shuffled stream.
-        return sharded_batches((data.train_images, data.train_labels), batch_size=run.process_batch_size,
-                               num_shards=dist.input_shards, shard_index=dist.coords["data"],
-                               seed=cfg.seed, skip_batches=start_step)
-
-    def export(out_dir, weights):
-        np.savez(out_dir / "model.npz", **weights)  # reload with load_trained()
+    def export(out_dir):  # beside model.npz; reload both with load_trained()
         images = {"image_shape": list(data.train_images.shape[1:]), "class_names": data.class_names}
         (out_dir / "images.json").write_text(json.dumps(images) + "\n")
 
-    summary = train(cfg, dist, model=model, optimizer=optimizer, train_step=train_step,
-                    make_batches=make_batches, evaluate=lambda: evaluate(run, model, data, cfg.max_test),
-                    export=export, out_dir=run.out_dir)
-    if dist.is_chief:
+    summary = api.train(run, model, optimizer, step, (data.train_images, data.train_labels), export=export,
+                        evaluate=lambda: {**api.held_out_metrics(run.dist, model, loss_sums, test_set),
+                                          "test_images": count})
+    if run.dist.is_chief:
         print(f"test accuracy = {summary['test_accuracy']:.4f} on {summary['test_images']} test images "
               f"({summary['world_size']} replicas, final loss {summary['final_loss']:.4f})")
 

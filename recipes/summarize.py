@@ -14,26 +14,9 @@ Pipeline plans need an MPI launch (horovodrun without --gloo, mpirun, srun with 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 
-import keras
-import numpy as np
-import tensorflow as tf
+from common.config import TransformerConfig, check_flags, flag
 
-from common import launch
-from common.compression import make_compressor
-from common.config import flag
-from common.data.pipeline import shard_rows, sharded_batches, unshard_rows
-from common.data.summarization import load_summarization
-from common.errors import ConfigError
-from common.loop import train
-from common.metrics import rouge
-from common.models.transformer import (CausalLM, LMStage, TransformerConfig, TransformerSize, lm_forward,
-                                       lm_loss_sums, lm_sequence)
-from common.plans.data import WarmupCosine, make_train_step, scaled_lr
-from common.plans.mesh import split_layers
-from common.plans.pipeline import PipelineRunner, Stage, activation_bytes, make_pipeline_train_step
-from common.plans.tensor import shard_axes, vocab_parallel_argmax
 
 @dataclasses.dataclass(frozen=True)
 class SummarizeConfig(TransformerConfig):
@@ -54,110 +37,71 @@ class SummarizeConfig(TransformerConfig):
              "ff_dim": 64, "max_test": 32, "samples": 2}
 
 
-def build_model(run, size: TransformerSize):
-    """The whole LM (every rank draws all initial weights, so every plan starts from the
-    one-process weights), then, under a pipeline plan, only this rank's stage of it."""
-    lm = CausalLM(size, run.dist.group("tensor"), run.config.source_len, name="lm")
-    lm(tf.zeros((1, size.max_len), tf.int32))
-    stages = run.dist.group("pipeline")
-    if stages.size == 1:
-        return lm
-    costs = [sum(int(np.prod(v.shape)) for v in block.weights) for block in lm.blocks]
-    blocks = split_layers(costs, stages.size)[stages.index]
-    stage = LMStage(lm, blocks, first=stages.index == 0, last=stages.index == stages.size - 1, name="lm")
-    stage(tf.zeros((1, size.max_len), tf.int32), None if stage.first else tf.zeros((1, size.max_len, size.width)))
-    return stage
+if __name__ == "__main__":
+    check_flags(SummarizeConfig)  # a bad flag fails here, in a moment, before TensorFlow loads
+
+import shutil  # noqa: E402
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from common import api  # noqa: E402
+from common.data.summarization import load_summarization  # noqa: E402
+from common.metrics import rouge  # noqa: E402
+from common.models.transformer import CausalLM, TransformerSize, lm_loss_sums  # noqa: E402
+from common.plans import pipeline  # noqa: E402
+from common.plans.tensor import vocab_parallel_argmax  # noqa: E402
 
 
-def lm_loss(model, batch, training):
-    ids, labels = lm_sequence(batch)
-    return lm_loss_sums(model(ids, training=training), labels, model.group)
-
-
-def make_step(run, model, optimizer):
-    """The data-parallel step, or the pipeline schedule's step when the plan has stages."""
-    cfg, dist = run.config, run.dist
-    compressor = make_compressor(cfg.compression)
-    if dist.group("pipeline").size == 1:
-        return make_train_step(dist, model, optimizer, lm_loss, cfg.accum_steps, compressor, cfg.clip_norm), None
-    if cfg.accum_steps > 1:
-        raise ConfigError("pipeline plans accumulate over micro-batches: use --plan=...,microbatches=N "
-                          "instead of --accum_steps")
-    forward = tf.function(lambda x, batch, training: lm_forward(model, lm_sequence(batch)[0], x, training))
-    stage = Stage(forward=lambda x, batch, training: forward(x, batch, training),
-                  loss=lambda logits, batch: lm_loss_sums(logits, lm_sequence(batch)[1], model.group),
-                  variables=model.trainable_variables,
-                  activation_shape=lambda batch: (batch[0].shape[0], model.size.max_len, model.size.width),
-                  metric_names=("loss", "token_accuracy"))
-    runner = PipelineRunner(dist, stage, run.plan.schedule, run.plan.recompute)
-    split = shard_axes(model)
-    step = make_pipeline_train_step(dist, runner, optimizer, run.plan.microbatches,
-                                    lambda batch: tf.reduce_sum(tf.cast(lm_sequence(batch)[1] != 0, tf.float32)),
-                                    compressor, cfg.clip_norm, [id(v) in split for v in model.trainable_variables])
-    return step, runner
-
-
-def generate(run, model, runner, source: np.ndarray, bos: int, eos: int, summary_len: int) -> list[list[int]]:
-    """Greedy summaries. All ranks of a tensor or pipeline group decode the same rows together:
-    the vocabulary-split argmax and the pipeline's forward pass are collectives."""
-    pipeline = run.dist.group("pipeline")
-    logits_of = tf.function(lambda batch: model(lm_sequence(batch)[0])) if runner is None else runner.infer
+def summaries(forward, group, source: np.ndarray, bos: int, eos: int, summary_len: int) -> list[list[int]]:
+    """Greedy summaries of `source` rows, without bos and eos; `forward` is the plan's
+    (`plans.pipeline.make_forward`), called by every rank of a tensor or pipeline group alike."""
     target = np.zeros((len(source), summary_len + 1), np.int32)
     target[:, 0] = bos
     for t in range(summary_len):
-        logits = logits_of((tf.constant(source), tf.constant(target)))
-        best = vocab_parallel_argmax(logits[:, t], model.group) if logits is not None else tf.zeros(len(source), tf.int32)
-        target[:, t + 1] = pipeline.sum([best])[0].numpy()  # from the last stage to every stage
+        next_ids = forward((tf.constant(source), tf.constant(target)),
+                           lambda logits: vocab_parallel_argmax(logits[:, t], group))
+        target[:, t + 1] = next_ids.numpy()
         if (target[:, 1:t + 2] == eos).any(axis=1).all():
             break
     return [list(row[1:list(row).index(eos)]) if eos in row else list(row[1:]) for row in target]
 
 
-def evaluate(run, data, model, runner, max_test: int) -> dict:
-    dist, cfg = run.dist, run.config
-    count = len(data.test_src) if not max_test else min(max_test, len(data.test_src))
-    mine = generate(run, model, runner, np.stack(shard_rows(data.test_src[:count], dist.input_shards, dist.coords["data"])),
-                    data.tokenizer.bos_id, data.tokenizer.eos_id, cfg.summary_len)
-    per_process = dist.gather_objects((dist.coords, [data.tokenizer.decode(ids) for ids in mine]))
-    shares = [texts for coords, texts in per_process if coords["tensor"] == 0 and coords["pipeline"] == 0]
-    hypotheses, references = unshard_rows(shares), data.test_tgt_text[:count]
+def evaluate(run, data, forward, count: int) -> dict:
+    """ROUGE of greedy summaries of the first `count` held-out documents, decoded by all ranks together."""
+    tokenizer, group = data.tokenizer, run.dist.tensor
+
+    def summarize(rows):
+        ids = summaries(forward, group, np.stack(rows), tokenizer.bos_id, tokenizer.eos_id, run.config.summary_len)
+        return [tokenizer.decode(row) for row in ids]
+
+    hypotheses, references = api.gathered_outputs(run.dist, summarize, data.test_src[:count]), data.test_tgt_text[:count]
     samples = [{"document": d[:300], "reference": r, "summary": h}
                for d, r, h in zip(data.test_src_text, references, hypotheses)]
-    memory = {} if runner is None else {
-        "pipeline_peak_in_flight": runner.peak_in_flight,
-        "activation_bytes_per_microbatch": activation_bytes(
-            (run.process_batch_size // run.plan.microbatches, model.size.max_len, model.size.width))}
-    return {**rouge(hypotheses, references), "test_documents": count, "samples": samples[:10], **memory}
+    return {**rouge(hypotheses, references), "test_documents": count, "samples": samples[:10]}
 
 
-@launch.guarded
+@api.guarded
 def main():
-    run = launch.start(SummarizeConfig, "summarize")
-    cfg, dist = run.config, run.dist
+    run = api.start(SummarizeConfig, "summarize")
+    cfg = run.config
     data = load_summarization(data_dir=run.data_dir, dataset=cfg.dataset or None, debug=cfg.debug,
                               max_src_len=cfg.source_len, max_tgt_len=cfg.summary_len, vocab_size=cfg.vocab_size)
-    size = cfg.transformer_size(data.tokenizer.vocab_size, cfg.source_len + cfg.summary_len)
+    size = TransformerSize.of(cfg, data.tokenizer.vocab_size, cfg.source_len + cfg.summary_len)
     run.check_model_fits(layers=size.layers, heads=size.heads, ff_dim=size.ff_dim, vocab_size=size.vocab_size)
-    with dist.model_scope(cfg.seed):
-        model = build_model(run, size)
-        peak = scaled_lr(cfg.lr, cfg.global_batch_size, cfg.lr_reference_batch, cfg.lr_scaling)
-        optimizer = keras.optimizers.Adam(WarmupCosine(peak, cfg.warmup_steps, cfg.steps))
-    train_step, runner = make_step(run, model, optimizer)
+    with run.model_scope():
+        lm = CausalLM(size, run.dist.tensor, cfg.source_len, name="lm")
+        lm((data.train_src[:1], data.train_tgt[:1]))  # every rank draws every weight, as one process would
+        model = pipeline.cut(lm, run.dist)  # pipeline=N: this rank's stage of consecutive blocks
+        optimizer = api.make_optimizer(cfg)
+    step = api.make_step(run, model, optimizer, lm_loss_sums(run.dist.tensor))
+    forward = pipeline.make_forward(run, model)
+    count = len(data.test_src) if not cfg.max_test else min(cfg.max_test, len(data.test_src))
 
-    def make_batches(start_step):
-        # Each data-parallel rank (all stages and tensor ranks of it alike) reads one shard.
-        return sharded_batches((data.train_src, data.train_tgt), batch_size=run.process_batch_size,
-                               num_shards=dist.input_shards, shard_index=dist.coords["data"],
-                               seed=cfg.seed, skip_batches=start_step)
-
-    def export(out_dir, weights):
-        np.savez(out_dir / "model.npz", **weights)  # full tensors, whatever the plan
-        shutil.copy(data.tokenizer.model_path, out_dir / "subword.model")
-
-    summary = train(cfg, dist, model=model, optimizer=optimizer, train_step=train_step, make_batches=make_batches,
-                    evaluate=lambda: evaluate(run, data, model, runner, cfg.max_test), export=export,
-                    out_dir=run.out_dir)
-    if dist.is_chief:
+    summary = api.train(run, model, optimizer, step, (data.train_src, data.train_tgt),
+                        evaluate=lambda: evaluate(run, data, forward, count),
+                        export=lambda out_dir: shutil.copy(data.tokenizer.model_path, out_dir / "subword.model"))
+    if run.dist.is_chief:
         print(f"ROUGE-1/2/L = {summary['rouge1']:.1f}/{summary['rouge2']:.1f}/{summary['rougeL']:.1f} on "
               f"{summary['test_documents']} held-out documents (plan {run.plan}, final loss {summary['final_loss']:.4f})")
         for sample in summary["samples"][:cfg.samples]:

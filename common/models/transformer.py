@@ -13,9 +13,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common.config import TrainConfig, flag
+from common.config import TransformerConfig
 from common.dist import Group
-from common.errors import ConfigError
 from common.plans.tensor import (ColumnParallelDense, ParallelAttention, ParallelMLP, VocabParallelEmbedding,
                                  vocab_parallel_argmax, vocab_parallel_cross_entropy)
 
@@ -23,28 +22,6 @@ from common.plans.tensor import (ColumnParallelDense, ParallelAttention, Paralle
 # The embedding and output rows are padded to this multiple, the same for every plan, so that
 # any tensor degree dividing it splits the vocabulary evenly (padding ids never occur).
 VOCAB_MULTIPLE = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class TransformerConfig(TrainConfig):
-    """The model flags of the Transformer recipes."""
-
-    vocab_size: int = flag(4000, "subword vocabulary size")
-    d_model: int = flag(128, "model width")
-    heads: int = flag(4, "attention heads")
-    layers: int = flag(2, "Transformer layers")
-    ff_dim: int = flag(512, "feed-forward width")
-    dropout: float = flag(0.1, "dropout rate (0 under --deterministic)")
-
-    def validate(self):
-        super().validate()
-        if self.d_model % self.heads:
-            raise ConfigError(f"--d_model={self.d_model} must be a multiple of --heads={self.heads}")
-
-    def transformer_size(self, vocab_size: int, max_len: int) -> "TransformerSize":
-        dropout = 0.0 if self.deterministic else self.dropout  # masks depend on how the batch is split
-        padded_vocab = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-        return TransformerSize(padded_vocab, max_len, self.d_model, self.heads, self.layers, self.ff_dim, dropout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +33,13 @@ class TransformerSize:
     layers: int
     ff_dim: int
     dropout: float = 0.0
+
+    @classmethod
+    def of(cls, config: TransformerConfig, vocab_size: int, max_len: int) -> "TransformerSize":
+        """The size `config`'s flags give, the vocabulary padded to a multiple of VOCAB_MULTIPLE."""
+        dropout = 0.0 if config.deterministic else config.dropout  # masks depend on how the batch is split
+        padded_vocab = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        return cls(padded_vocab, max_len, config.d_model, config.heads, config.layers, config.ff_dim, dropout)
 
 
 def padding_mask(query_ids: tf.Tensor, key_ids: tf.Tensor, causal: bool = False) -> tf.Tensor:
@@ -133,14 +117,18 @@ def build_transformer(size: TransformerSize, group: Group) -> Seq2SeqTransformer
     return model
 
 
-def loss_sums(model: Seq2SeqTransformer, batch, training: bool):
-    """Summed token cross-entropy and correct tokens over the non-padding target tokens."""
-    source, target = batch
-    labels = target[:, 1:]
-    losses, correct = vocab_parallel_cross_entropy(model((source, target[:, :-1]), training=training),
-                                                   labels, model.group)
+def token_loss_sums(logits, labels, group: Group):
+    """Summed token cross-entropy and correct tokens over the non-padding labels, from logits
+    whose vocabulary is split over `group`."""
+    losses, correct = vocab_parallel_cross_entropy(logits, labels, group)
     weights = tf.cast(labels != 0, tf.float32)
     return tf.reduce_sum(losses * weights), tf.reduce_sum(weights), {"token_accuracy": tf.reduce_sum(correct * weights)}
+
+
+def loss_sums(model: Seq2SeqTransformer, batch, training: bool):
+    """`token_loss_sums` of the target tokens, the reference as decoder input."""
+    source, target = batch
+    return token_loss_sums(model((source, target[:, :-1]), training=training), target[:, 1:], model.group)
 
 
 class GreedyDecoder:
@@ -174,7 +162,8 @@ class GreedyDecoder:
 # ------------------------------------------------------------------ decoder-only (prefix) LM
 class CausalLM(keras.Model):
     """A decoder-only Transformer over [document; summary]: attention is causal over the whole
-    sequence, the loss covers the summary tokens only. Its blocks are what pipeline stages cut."""
+    sequence, the loss covers the summary tokens only. Called on a (document, summary) batch.
+    Pipeline plans cut it into stages of consecutive blocks (`stage`, `plans.pipeline.cut`)."""
 
     first = last = True
 
@@ -188,8 +177,21 @@ class CausalLM(keras.Model):
         self.logits = ColumnParallelDense(size.vocab_size, group, name="logits")
         self.drop = keras.layers.Dropout(size.dropout)
 
-    def call(self, ids, training=False):
-        return lm_forward(self, ids, None, training)
+    def call(self, batch, incoming=None, training=False):
+        return lm_forward(self, batch, incoming, training)
+
+    def activation_shape(self, rows: int) -> tuple[int, int, int]:
+        """The shape of what one block passes to the next."""
+        return rows, self.size.max_len, self.size.width
+
+    def stage(self, blocks: range, first: bool, last: bool) -> "LMStage":
+        """A pipeline stage of these blocks, its weights built (they are the LM's)."""
+        stage = LMStage(self, blocks, first, last, name=self.name)
+        rows = 1
+        batch = (tf.zeros((rows, self.source_len), tf.int32), tf.zeros((rows, self.size.max_len - self.source_len + 1),
+                                                                        tf.int32))
+        stage(batch, None if first else tf.zeros(self.activation_shape(rows)))
+        return stage
 
 
 class LMStage(keras.Model):
@@ -203,15 +205,19 @@ class LMStage(keras.Model):
         self.embedding, self.positions, self.drop = (lm.embedding, lm.positions, lm.drop) if first else (None,) * 3
         self.final_norm, self.logits = (lm.final_norm, lm.logits) if last else (None, None)
         self.blocks = [lm.blocks[i] for i in blocks]
+        self.activation_shape = lm.activation_shape
 
-    def call(self, ids, x=None, training=False):
-        return lm_forward(self, ids, x, training)
+    def call(self, batch, incoming=None, training=False):
+        return lm_forward(self, batch, incoming, training)
 
 
-def lm_forward(part, ids, x, training):
-    """Run a CausalLM or one stage of it. `ids` is the whole token sequence (every stage needs
-    it for the mask); `x` the previous stage's activations (None on the first stage). Returns
-    activations, or on the last stage the logits of the summary positions."""
+def lm_forward(part, batch, x, training):
+    """Run a CausalLM or one stage of it on a (document, summary) batch. The model reads
+    [document; summary without its last token] (every stage needs the ids for the mask); `x`
+    is the previous stage's output (None on the first stage). Returns activations, or on the
+    last stage the logits of the summary positions."""
+    source, target = batch
+    ids = tf.concat([source, target[:, :-1]], axis=1)
     if part.first:
         positions = part.positions(tf.range(tf.shape(ids)[1]))[None]
         x = part.drop(part.embedding(ids) * (part.size.width ** 0.5) + positions, training=training)
@@ -223,15 +229,9 @@ def lm_forward(part, ids, x, training):
     return x
 
 
-def lm_sequence(batch):
-    """(ids, labels): the model reads [source; target without its last token] and, from the
-    target's bos on, predicts the target's tokens."""
-    source, target = batch
-    return tf.concat([source, target[:, :-1]], axis=1), target[:, 1:]
-
-
-def lm_loss_sums(logits, labels, group: Group):
-    """Summed token cross-entropy and correct tokens over the non-padding summary tokens."""
-    losses, correct = vocab_parallel_cross_entropy(logits, labels, group)
-    weights = tf.cast(labels != 0, tf.float32)
-    return tf.reduce_sum(losses * weights), tf.reduce_sum(weights), {"token_accuracy": tf.reduce_sum(correct * weights)}
+def lm_loss_sums(group: Group):
+    """The `loss_sums` of a CausalLM, or of its last pipeline stage, whose vocabulary is split
+    over `group`: `token_loss_sums` of the summary tokens."""
+    def loss_sums(model, batch, training):
+        return token_loss_sums(model(batch, training=training), batch[1][:, 1:], group)
+    return loss_sums

@@ -7,20 +7,31 @@ Two schedules, as lists of ("F", i) / ("B", i) operations per stage:
 - GPipe: every forward, then every backward: m micro-batches' activations live at once;
 - 1F1B: after p - s - 1 warm-up forwards, stage s alternates one forward and one backward,
   so at most p - s micro-batches are in flight (PipeDream-Flush).
-Both compute the same gradients: the sum over micro-batches, each divided by the global
-token count, then summed over the stage's data-parallel group. With `recompute`, a stage
-keeps only its input and runs the forward again under the tape at backward time.
+Both compute the same gradients: the sum over micro-batches, divided by the global token
+count, then summed over the stage's data-parallel group. With `recompute`, a stage keeps only
+its input and runs the forward again under the tape at backward time.
+
+A model that pipeline plans can cut is a stack of blocks: it has `blocks` and builds a stage
+with `stage(blocks, first, last)`, a model of those consecutive blocks (plus the input layers
+on the first stage and the output layers on the last) that shares the model's layers. A stage
+is called as `stage(batch, incoming, training)`: `incoming` is the previous stage's output
+(None on the first), and `stage.activation_shape(rows)` is its shape. The last stage's output is
+what the recipe's `loss_sums` scores; the step factory takes the same arguments as the data
+plan's (`plans.data.make_train_step`).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import numpy as np
 import tensorflow as tf
 
-from common.dist import Dist
-from common.plans.data import make_clip, split_micro_batches, step_on_compressed_updates
+from common.compression import float32_bytes, make_codec
+from common.errors import ConfigError
+from common.mesh import split_layers
+from common.optimizers import build_slots
+from common.plans.data import make_clip, split_micro_batches
+from common.step import Step
 
 Op = tuple[str, int]
 
@@ -49,147 +60,183 @@ def peak_in_flight(schedule: list[Op]) -> int:
     return peak
 
 
-@dataclasses.dataclass
-class Stage:
-    """One rank's share of the model. `forward(inputs, micro_batch, training)` maps the previous
-    stage's activations (None on the first stage) to this stage's output (logits on the last);
-    on the last stage `loss(output, micro_batch)` gives `(loss_sum, count, metric_sums)`."""
+class Links:
+    """Point-to-point messages between stages, over mpi4py. Sends are non-blocking, so two
+    stages that send to each other before receiving cannot deadlock; `wait` completes them."""
 
-    forward: Callable[[Any, Any, bool], tf.Tensor]
-    loss: Callable[[tf.Tensor, Any], tuple]
-    variables: list[tf.Variable]
-    activation_shape: Callable[[Any], tuple]  # micro-batch -> shape of this stage's input
-    metric_names: tuple[str, ...] = ("loss",)  # the last stage's sums, besides "count"
+    def __init__(self):
+        self.pending: list = []
+
+    def send(self, array: np.ndarray, dest: int, tag: int) -> None:
+        from mpi4py import MPI
+        array = np.ascontiguousarray(array)
+        self.pending.append((MPI.COMM_WORLD.Isend(array, dest=dest, tag=tag), array))
+
+    def receive(self, shape, source: int, tag: int) -> tf.Tensor:
+        from mpi4py import MPI
+        buffer = np.empty(shape, np.float32)
+        MPI.COMM_WORLD.Recv(buffer, source=source, tag=tag)
+        return tf.constant(buffer)
+
+    def wait(self) -> None:
+        from mpi4py import MPI
+        MPI.Request.Waitall([request for request, _ in self.pending])
+        self.pending.clear()
+
+
+def cut(model, dist):
+    """This rank's stage of `model` (module docstring), its blocks balanced by parameter count;
+    the model itself when the plan has one stage. Build the whole model first: every rank then
+    draws every initial weight, so every plan starts from the one-process weights."""
+    stages = dist.pipeline
+    if stages.size == 1:
+        return model
+    costs = [sum(int(np.prod(v.shape)) for v in block.weights) for block in model.blocks]
+    blocks = split_layers(costs, stages.size)[stages.index]
+    return model.stage(blocks, first=stages.index == 0, last=stages.index == stages.size - 1)
 
 
 class PipelineRunner:
-    """Runs a schedule for one stage; `run` returns the stage's summed weight gradients and,
-    on the last stage, the summed loss/metric values of all micro-batches."""
+    """Runs a schedule for one stage: `run` returns the stage's gradients of the summed loss
+    and, on the last stage, the summed loss, count and metrics of all micro-batches."""
 
-    def __init__(self, dist: Dist, stage: Stage, schedule: str, recompute: bool):
-        self.dist, self.stage, self.recompute = dist, stage, recompute
+    def __init__(self, dist, stage, loss_sums=None, schedule: str = "gpipe", recompute: bool = False):
+        self.stage, self.recompute, self.links = stage, recompute, Links()
         self.make_schedule = SCHEDULES[schedule]
-        self.group = dist.group("pipeline")
-        self.index, self.stages = self.group.index, self.group.size
-        self.previous = self.group.ranks[self.index - 1] if self.index > 0 else None
-        self.following = self.group.ranks[self.index + 1] if self.index + 1 < self.stages else None
-        self.peak_in_flight = 0
+        group = dist.pipeline
+        self.index, self.stages = group.index, group.size
+        self.previous = group.ranks[self.index - 1] if self.index > 0 else None
+        self.following = group.ranks[self.index + 1] if self.index + 1 < self.stages else None
+        self.forward = tf.function(lambda batch, incoming, training: stage(batch, incoming, training=training))
+        if loss_sums is not None:
+            self.loss = tf.function(lambda batch, incoming: loss_sums(
+                lambda b, training: stage(b, incoming, training=training), batch, True))
 
     @property
     def is_last(self) -> bool:
         return self.following is None
 
-    def run(self, micro_batches: list, scale: tf.Tensor) -> tuple[list[tf.Tensor], dict[str, tf.Tensor]]:
-        schedule = self.make_schedule(len(micro_batches), self.stages, self.index)
-        self.peak_in_flight = peak_in_flight(schedule)
-        grads = [tf.zeros_like(v) for v in self.stage.variables]
+    def run(self, micro_batches: list) -> tuple[list[tf.Tensor], dict[str, tf.Tensor]]:
+        grads = [tf.zeros_like(v) for v in self.stage.trainable_variables]
         saved: dict[int, tuple] = {}
         totals: dict[str, tf.Tensor] = {}
-        for kind, i in schedule:
+        for kind, i in self.make_schedule(len(micro_batches), self.stages, self.index):
             if kind == "F":
                 saved[i], sums = self._forward(micro_batches[i], i)
-                for name, value in sums.items():
-                    totals[name] = totals.get(name, 0.0) + value
+                totals = {name: totals.get(name, 0.0) + value for name, value in sums.items()}
             else:
-                step_grads = self._backward(micro_batches[i], i, saved.pop(i), scale)
-                grads = [g + s for g, s in zip(grads, step_grads)]
-        self.dist.wait_sends()
+                grads = [g + s for g, s in zip(grads, self._backward(micro_batches[i], i, saved.pop(i)))]
+        self.links.wait()
         return grads, totals
 
-    def infer(self, micro_batch):
-        """Forward only, through every stage in turn (distributed inference): the last stage's
-        output there, None on the other stages."""
-        output = self.stage.forward(self._receive_input(micro_batch, 0), micro_batch, False)
+    def infer(self, batch):
+        """Forward only, through every stage in turn: the last stage's output there, None on the others."""
+        output = self.forward(batch, self._receive_input(batch, 0), False)
         if self.is_last:
             return output
-        self.dist.send(output.numpy(), self.following, 0)
-        self.dist.wait_sends()
+        self.links.send(output.numpy(), self.following, 0)
+        self.links.wait()
         return None
 
-    def _receive_input(self, micro_batch, tag: int):
+    def _receive_input(self, batch, tag: int):
         if self.previous is None:
             return None
-        shape = self.stage.activation_shape(micro_batch)
-        return tf.constant(self.dist.receive(shape, self.previous, tag))
+        rows = tf.nest.flatten(batch)[0].shape[0]
+        return self.links.receive(self.stage.activation_shape(rows), self.previous, tag)
 
     def _recorded_forward(self, inputs, micro_batch):
-        """(tape, what to differentiate, metric sums): the output, or on the last stage the loss."""
+        """(tape, what to differentiate, sums): the output, or on the last stage the loss sum."""
         with tf.GradientTape() as tape:
             if inputs is not None:
                 tape.watch(inputs)
-            output = self.stage.forward(inputs, micro_batch, True)
-            sums = {}
-            if self.is_last:
-                loss_sum, count, metric_sums = self.stage.loss(output, micro_batch)
-                output, sums = loss_sum, {"loss": loss_sum, "count": count, **metric_sums}
-        return tape, output, sums
+            if not self.is_last:
+                return tape, self.forward(micro_batch, inputs, True), {}
+            loss_sum, count, metric_sums = self.loss(micro_batch, inputs)
+        return tape, loss_sum, {"loss": loss_sum, "count": count, **metric_sums}
 
     def _forward(self, micro_batch, i: int):
         inputs = self._receive_input(micro_batch, 2 * i)
         if self.recompute and not self.is_last:
-            output, tape, sums = self.stage.forward(inputs, micro_batch, True), None, {}
+            output, tape, sums = self.forward(micro_batch, inputs, True), None, {}
         else:
             tape, output, sums = self._recorded_forward(inputs, micro_batch)
         if not self.is_last:
-            self.dist.send(output.numpy(), self.following, 2 * i)
+            self.links.send(output.numpy(), self.following, 2 * i)
         return (inputs, tape, output), sums
 
-    def _backward(self, micro_batch, i: int, saved, scale):
+    def _backward(self, micro_batch, i: int, saved):
         inputs, tape, output = saved
         if tape is None:  # recompute: run the forward again, this time recording it
             tape, output, _ = self._recorded_forward(inputs, micro_batch)
-        if self.is_last:
-            upstream = scale  # d(loss_sum / global count) / d(loss_sum)
-        else:
-            upstream = tf.constant(self.dist.receive(output.shape, self.following, 2 * i + 1))
-        sources = self.stage.variables + ([inputs] if inputs is not None else [])
-        gradients = tape.gradient(output, sources, output_gradients=upstream)
+        upstream = None if self.is_last else self.links.receive(output.shape, self.following, 2 * i + 1)
+        variables = self.stage.trainable_variables
+        gradients = tape.gradient(output, variables + ([inputs] if inputs is not None else []),
+                                  output_gradients=upstream)
         if inputs is not None:
-            self.dist.send(gradients[-1].numpy(), self.previous, 2 * i + 1)
-        return [tf.zeros_like(v) if g is None else g for g, v in zip(gradients, self.stage.variables)]
+            self.links.send(gradients[-1].numpy(), self.previous, 2 * i + 1)
+        return [tf.zeros_like(v) if g is None else g for g, v in zip(gradients, variables)]
 
 
-def make_pipeline_train_step(dist: Dist, runner: PipelineRunner, optimizer, microbatches: int,
-                             count_fn: Callable[[Any], tf.Tensor], compressor, max_grad_norm: float,
-                             is_split: list[bool]):
-    """A step for pipeline plans. The schedule is Python, with point-to-point messages between
-    micro-batches; each stage's forward (and so its gradient) is a compiled function, and so is
-    everything after the schedule: reduction, clipping and the update, which run eagerly one
-    op per variable otherwise. Returns global metrics like the data-parallel step."""
-
-    compressor.build(runner.stage.variables, dist, optimizer.iterations)  # its state exists before the first step
-
-    clip = make_clip(max_grad_norm, is_split, dist)
+def make_train_step(run, stage, optimizer, loss_sums) -> Step:
+    """The pipeline plan's step for this rank's `stage` (`cut`). The schedule is Python, with
+    point-to-point messages between micro-batches; each stage's forward (and so its gradient)
+    is a compiled function, and so is everything after the schedule: the gradients' scaling,
+    their sum over the stage's data group through the codec, clipping and the update."""
+    config, dist, plan = run.config, run.dist, run.plan
+    if config.accum_steps > 1:
+        raise ConfigError("pipeline plans accumulate over micro-batches: use --plan=...,microbatches=N "
+                          "instead of --accum_steps")
+    variables = stage.trainable_variables
+    build_slots(optimizer, variables, dist)
+    codec = make_codec(config.compression)
+    codec.build(variables, dist)
+    clip = make_clip(config.clip_norm, variables, dist)
+    runner = PipelineRunner(dist, stage, loss_sums, plan.schedule, plan.recompute)
+    metric_names: list[str] = []  # only the last stage's loss knows them: learned at the first step
 
     @tf.function
-    def apply_gradients(grads):
-        if compressor.compresses_updates:
-            step_on_compressed_updates(grads, runner.stage.variables, optimizer, compressor, dist, clip)
-        else:
-            optimizer.apply(clip(compressor.reduce(grads, dist)), runner.stage.variables)
+    def apply_gradients(grads, scale):
+        optimizer.apply(clip(codec.sum([g * scale for g in grads], dist.data)), variables)
 
     def train_step(batch):
-        micro = split_micro_batches(batch, microbatches)
-        # Every stage reads the same batch, so every stage knows the global token count.
-        global_count = dist.sum_across_replicas([tf.add_n([count_fn(m) for m in micro])])[0]
-        scale = 1.0 / tf.maximum(global_count, 1.0)
-        with compressor.gradient_point():
-            grads, totals = runner.run(micro, scale)
-        apply_gradients(grads)
-        return _global_metrics(dist, runner, totals, global_count)
+        grads, totals = runner.run(split_micro_batches(batch, plan.microbatches))
+        if not metric_names:
+            metric_names.extend(next(names for names in dist.gather_objects(sorted(totals)) if names))
+        metrics = _global_metrics(dist, runner, totals, metric_names)
+        apply_gradients(grads, 1.0 / tf.maximum(metrics["count"], 1.0))
+        return metrics
 
-    train_step.compressor = compressor  # for train(): it checkpoints the state and counts the bytes
-    return train_step
+    rows = run.process_batch_size // plan.microbatches
+    schedule = SCHEDULES[plan.schedule](plan.microbatches, runner.stages, runner.index)
+    report = {"pipeline_peak_in_flight": peak_in_flight(schedule),
+              "activation_bytes_per_microbatch": 4 * int(np.prod(stage.activation_shape(rows)))}
+    shapes = [v.shape for v in variables]
+    return Step(train_step, codec.wire_bytes(shapes), float32_bytes(shapes), codec.replica_state(), report)
 
 
-def _global_metrics(dist: Dist, runner: PipelineRunner, totals: dict, global_count: tf.Tensor) -> dict:
+def _global_metrics(dist, runner: PipelineRunner, totals: dict, names: list[str]) -> dict:
     """Loss and metric means over the global batch, known only on the last stage: summed over
-    the data group there, then shared with the other stages (which contribute zeros)."""
-    names = runner.stage.metric_names
-    local = [totals[k] if runner.is_last else tf.constant(0.0) for k in names]
-    sums = runner.group.sum(dist.sum_across_replicas(local))
-    return {**{k: v / global_count for k, v in zip(names, sums)}, "count": global_count}
+    its data group there, then sent to the other stages."""
+    sums = tf.stack(dist.data.sum([totals[k] for k in names])) if runner.is_last else tf.zeros(len(names))
+    sums = dict(zip(names, tf.unstack(dist.pipeline.broadcast(sums, root=runner.stages - 1))))
+    count = sums.pop("count")
+    return {**{k: v / tf.maximum(count, 1.0) for k, v in sums.items()}, "count": count}
 
 
-def activation_bytes(shape: tuple, dtype=np.float32) -> int:
-    return int(np.prod(shape)) * np.dtype(dtype).itemsize
+def make_forward(run, model) -> Callable[[Any, Callable], tf.Tensor]:
+    """`forward(batch, head)` for inference under any plan: `head` maps the model's output (the
+    last stage's, under a pipeline plan) to one int32 per row, such as a next token id, which
+    every rank of the pipeline then gets. All ranks of a tensor or pipeline group call it on
+    the same batch together."""
+    if run.dist.pipeline.size == 1:
+        compiled = tf.function(lambda batch: model(batch))
+        return lambda batch, head: head(compiled(batch))
+    runner = PipelineRunner(run.dist, model)
+
+    def forward(batch, head):
+        output = runner.infer(batch)
+        rows = tf.nest.flatten(batch)[0].shape[0]
+        ids = head(output) if runner.is_last else tf.zeros(rows, tf.int32)
+        return run.dist.pipeline.broadcast(ids, root=runner.stages - 1)
+
+    return forward

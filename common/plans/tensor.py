@@ -11,7 +11,9 @@ all-reduce (another all-reduce) is never used in their place.
 Layers here work at any group size; a group of one makes them plain layers. Every rank draws
 the *full* initial weight with the seeded initializer and keeps its slice, so a split model
 starts from exactly the weights of the one-process model. `SHARD_AXES` on a layer names the
-axis each weight is split along (for gathering full tensors into checkpoints).
+axis each weight is split along; the weight records it when it is created (`split_axis`), and
+so do the optimizer's slots and a codec's residuals of it, for gathering full tensors into
+checkpoints and for the clipping norm.
 """
 from __future__ import annotations
 
@@ -45,6 +47,18 @@ def sum_over_group(x: tf.Tensor, group: Group) -> tf.Tensor:
     return forward(x)
 
 
+def mark_split(variable, axis: int | None):
+    """Record on `variable` the axis along which the tensor group splits it (None: not split)."""
+    if axis is not None:
+        variable.split_axis = axis
+    return variable
+
+
+def split_axis(variable) -> int | None:
+    """The axis `mark_split` recorded on `variable`; None for a weight every rank holds whole."""
+    return getattr(variable, "split_axis", None)
+
+
 def local_slice(full: tf.Tensor, axis: int | None, group: Group) -> tf.Tensor:
     """This rank's contiguous share of `full` along `axis` (all of it when axis is None)."""
     if axis is None or group.size == 1:
@@ -67,7 +81,8 @@ class ShardedLayer(keras.layers.Layer):
         with tf.init_scope():  # eagerly, even when Keras builds the layer inside a trace
             full = keras.initializers.get(initializer)(full_shape)  # the one-process draw
             value = local_slice(tf.convert_to_tensor(full), self.SHARD_AXES.get(name), self.group).numpy()
-        return self.add_weight(name=name, shape=value.shape, initializer=lambda shape, dtype=None: value)
+        weight = self.add_weight(name=name, shape=value.shape, initializer=lambda shape, dtype=None: value)
+        return mark_split(weight, self.SHARD_AXES.get(name) if self.group.size > 1 else None)
 
 
 class ColumnParallelDense(ShardedLayer):
@@ -207,23 +222,3 @@ class ParallelMLP(keras.layers.Layer):
 
     def call(self, x):
         return self.project(self.expand(x))
-
-
-# The slots Keras optimizers keep per weight (Adam, AdamW, SGD with momentum, AMSGrad).
-OPTIMIZER_SLOTS = ("momentum", "velocity", "velocity_hat")
-
-
-def shard_axes(model: keras.Model, optimizer: keras.optimizers.Optimizer | None = None) -> dict[int, int]:
-    """id(variable) -> split axis, for every split weight of `model` and its optimizer slots.
-    Keras names a slot variable after its weight's path ("{path with _}_{slot}")."""
-    axes, slot_axes = {}, {}
-    for layer in model._flatten_layers(include_self=False):
-        for name, axis in getattr(layer, "SHARD_AXES", {}).items():
-            weight = getattr(layer, name)
-            if axis is not None and layer.group.size > 1:
-                axes[id(weight)] = axis
-                slot_axes.update({f"{weight.path.replace('/', '_')}_{slot}": axis for slot in OPTIMIZER_SLOTS})
-    for v in (optimizer.variables if optimizer else []):
-        if v.name in slot_axes:
-            axes[id(v)] = slot_axes[v.name]
-    return axes

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from common import checkpoint
-from common.compression import Compressor, PowerSGDCompression, TopKCompression
-from common.dist import Dist
+from common.compression import PowerSGDCodec, TopKCodec
 from common.errors import RecipeError
+from common.optimizers import build_slots
 from common.state import TrainingState
+from tests.unit.one_process import ONE_PROCESS
 
 
 def make_arrays(seed):
@@ -64,15 +65,14 @@ def test_garbled_manifest_is_detected(tmp_path):
         checkpoint.load(tmp_path)
 
 
-def one_process_state(width, compressor=None):
+def one_process_state(width, codec=None):
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(width, name="dense")], name="toy")
     optimizer = keras.optimizers.Adam(name="adam")
-    optimizer.build(model.trainable_variables)
-    dist = Dist("horovod", 0, 1, 0, 1)
-    if compressor is None:
-        return TrainingState(dist, model, optimizer)
-    compressor.build(model.trainable_variables, dist, optimizer.iterations)
-    return TrainingState(dist, model, optimizer, compressor)
+    build_slots(optimizer, model.trainable_variables, ONE_PROCESS)
+    if codec is None:
+        return TrainingState(ONE_PROCESS, model, optimizer)
+    codec.build(model.trainable_variables, ONE_PROCESS)
+    return TrainingState(ONE_PROCESS, model, optimizer, codec.replica_state())
 
 
 def test_state_restores_what_it_saved(tmp_path):
@@ -106,40 +106,34 @@ def two_replica_checkpoint(tmp_path, kind):
     return arrays
 
 
-def test_a_compressed_run_keeps_each_replicas_unsent_updates_and_moments(tmp_path):
-    state = one_process_state(4, TopKCompression(0.5))
-    assert any(name.startswith("unsent_updates/") for name in state.replica_local)
-    assert any(name.startswith("adam/") for name in state.replica_local)  # each replica's own moments
-    for v in state.replica_local.values():
-        v.assign(np.full(v.shape, 3, np.asarray(v).dtype))
+def test_a_compressed_run_keeps_each_replicas_residuals(tmp_path):
+    state = one_process_state(4, TopKCodec(0.5))
+    assert sorted(state.replica_state) == [f"unsent_gradients/{BIAS}", f"unsent_gradients/{KERNEL}"]
+    for v in state.replica_state.values():
+        v.assign(np.full(v.shape, 3, np.float32))
     state.save(tmp_path, 5)
-    for v in state.replica_local.values():
-        v.assign(np.zeros(v.shape, np.asarray(v).dtype))
+    assert f"per_replica/0/unsent_gradients/{KERNEL}" in checkpoint.load(tmp_path)[1]
+    for v in state.replica_state.values():
+        v.assign(np.zeros(v.shape, np.float32))
     state.restore_or_start(tmp_path, resume=True)
-    for v in state.replica_local.values():
+    for v in state.replica_state.values():
         np.testing.assert_array_equal(np.asarray(v), 3.0)
 
 
-def test_fewer_replicas_take_the_sum_of_what_every_replica_had_not_sent(tmp_path):
-    saved = two_replica_checkpoint(tmp_path, "unsent_updates")
-    state = one_process_state(4, TopKCompression(0.5))
+def test_a_compressed_run_resumed_from_an_uncompressed_checkpoint_starts_with_empty_residuals(tmp_path):
+    one_process_state(4).save(tmp_path, 5)
+    state = one_process_state(4, PowerSGDCodec(2))
     state.restore_or_start(tmp_path, resume=True)
-    residual = state.replica_local[f"unsent_updates/{KERNEL}"]
-    np.testing.assert_array_equal(np.asarray(residual), 3.0)  # 1 + 2: replica 0 now holds both
-    np.testing.assert_array_equal(np.asarray(state.variables[state.names.index(KERNEL)]), saved[KERNEL])
+    assert not any(np.any(np.asarray(v)) for v in state.replica_state.values())
 
 
-def test_unsent_updates_go_into_the_weights_when_the_run_no_longer_compresses(tmp_path):
-    saved = two_replica_checkpoint(tmp_path, "unsent_updates")
-    state = one_process_state(4, Compressor())
-    state.restore_or_start(tmp_path, resume=True)
-    np.testing.assert_allclose(np.asarray(state.variables[state.names.index(KERNEL)]), saved[KERNEL] + 3.0)
-
-
-def test_unsent_gradients_need_a_compressor_that_keeps_them(tmp_path):
-    two_replica_checkpoint(tmp_path, "unsent_gradients")
-    with pytest.raises(RecipeError, match="--compression=powersgd"):
-        one_process_state(4, TopKCompression(0.5)).restore_or_start(tmp_path, resume=True)
-    state = one_process_state(4, PowerSGDCompression(2))
-    state.restore_or_start(tmp_path, resume=True)
-    assert all(np.asarray(v).max() == 3.0 for name, v in state.replica_local.items())
+@pytest.mark.parametrize("kind, codec", [("unsent_gradients", TopKCodec(0.5)), ("unsent_updates", TopKCodec(0.5)),
+                                         ("unsent_updates", None)],
+                         ids=["other-replica-count", "other-kind", "no-compression"])
+def test_replica_state_this_run_cannot_take_is_one_clear_error(tmp_path, kind, codec):
+    two_replica_checkpoint(tmp_path, kind)
+    with pytest.raises(RecipeError) as error:
+        one_process_state(4, codec).restore_or_start(tmp_path, resume=True)
+    message = str(error.value)
+    assert f"holds state of each of its 2 data-parallel replicas ({kind})" in message
+    assert "resume with 2 replicas and the --compression its config.json names" in message and "\n" not in message

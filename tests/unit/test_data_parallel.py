@@ -5,8 +5,9 @@ import tensorflow as tf
 
 from common.data.pipeline import shard_rows, sharded_batches, unshard_rows
 from common.errors import ConfigError
-from common.plans.data import (WarmupCosine, _feed_second_moments, global_square_estimates, per_replica_batch_size,
-                               scaled_lr, second_moments, split_halves)
+from common.optimizers import WarmupCosine, build_slots, scaled_lr
+from common.plans.data import per_replica_batch_size
+from tests.unit.one_process import ONE_PROCESS
 
 
 def test_batch_split_must_be_exact():
@@ -57,64 +58,15 @@ def test_unshard_inverts_shard():
     assert unshard_rows([shard_rows(rows, 3, i) for i in range(3)]) == rows
 
 
-@pytest.mark.parametrize("size, halves", [(6, [3, 3]), (5, [2, 3]), (1, [1])])
-def test_split_halves(size, halves):
-    batch = (tf.range(size), tf.range(size) * 10)
-    parts = split_halves(batch)
-    assert [int(p[0].shape[0]) for p in parts] == halves
-    assert np.concatenate([p[1].numpy() for p in parts]).tolist() == (np.arange(size) * 10).tolist()
-
-
-@pytest.mark.parametrize("replicas", [2, 4])
-def test_global_square_estimates_remove_the_extra_noise_of_a_replicas_share(replicas):
-    """Per-example gradients mu + noise (sd sigma), batch B over N replicas: a replica's mean
-    estimate squared averages mu^2 + N sigma^2 / B; the estimate averages mu^2 + sigma^2 / B,
-    what one process on the whole batch sees."""
-    rng = np.random.default_rng(0)
-    mu, sigma, batch, trials = np.array([0.0, 0.3, 1.0]), 2.0, 32, 40000
-    examples = mu + sigma * rng.standard_normal((trials, batch // replicas, 3))
-    share = examples.mean(axis=1)
-    half = batch // replicas // 2
-    difference = examples[:, :half].mean(axis=1) - examples[:, half:].mean(axis=1)
-    # The halves' sums, scaled to mean size like the step scales them: (first - second) / (B/N) * ...
-    difference_scaled = difference / 2
-    estimates = global_square_estimates([tf.constant(share)], [tf.constant(difference_scaled)], replicas)[0].numpy()
-    np.testing.assert_allclose((share ** 2).mean(axis=0), mu ** 2 + replicas * sigma ** 2 / batch, rtol=0.03)
-    np.testing.assert_allclose(estimates.mean(axis=0), mu ** 2 + sigma ** 2 / batch, rtol=0.06)
-
-
-def test_adam_averages_the_fed_squares_into_its_second_moment():
-    weights = tf.Variable(tf.zeros(3))
+def test_build_slots_returns_each_kind_in_the_weights_order_and_splits_slots_like_their_weights():
+    from common.plans.tensor import mark_split, split_axis
+    weights = [mark_split(keras.Variable(np.zeros((2, 3)), name="split"), 1), keras.Variable(np.zeros(4), name="whole")]
     optimizer = keras.optimizers.Adam(0.1)
-    optimizer.build([weights])
-    moment = second_moments(optimizer)[0]
-    moment.assign([1.0, 2.0, 3.0])
-    gradient, squares = tf.constant([4.0, -1.0, 0.5]), tf.constant([2.0, 0.0, 9.0])
-    _feed_second_moments([moment], optimizer.beta_2, [gradient], [squares])
-    optimizer.apply([gradient], [weights])
-    expected = optimizer.beta_2 * np.array([1.0, 2.0, 3.0]) + (1 - optimizer.beta_2) * squares.numpy()
-    np.testing.assert_allclose(moment.numpy(), expected, rtol=1e-5)
-    assert second_moments(keras.optimizers.SGD(0.1, momentum=0.9)) is None
-
-
-def test_a_negative_square_never_takes_adams_second_moment_to_zero():
-    weights = tf.Variable(tf.zeros(2))
-    optimizer = keras.optimizers.Adam(0.1)
-    optimizer.build([weights])
-    moment = second_moments(optimizer)[0]
-    gradient = tf.constant([1e-3, 5.0])
-    _feed_second_moments([moment], optimizer.beta_2, [gradient], [tf.constant([-1.0, -30.0])])
-    optimizer.apply([gradient], [weights])
-    assert (moment.numpy() > 0).all() and np.isfinite(weights.numpy()).all()
-
-
-def test_a_very_negative_square_lowers_a_large_second_moment_only_a_little():
-    weights = tf.Variable(tf.zeros(1))
-    optimizer = keras.optimizers.Adam(0.1)
-    optimizer.build([weights])
-    moment = second_moments(optimizer)[0]
-    moment.assign([1.0])
-    gradient = tf.constant([1e-4])
-    _feed_second_moments([moment], optimizer.beta_2, [gradient], [tf.constant([-1e6])])
-    optimizer.apply([gradient], [weights])
-    assert 0.99 < moment.numpy()[0] < 1.0 and np.isfinite(weights.numpy()).all()
+    slots = build_slots(optimizer, weights, ONE_PROCESS)
+    assert sorted(slots) == ["momentum", "velocity"]
+    for kind in slots:
+        assert [tuple(v.shape) for v in slots[kind]] == [(2, 3), (4,)]
+        assert [split_axis(v) for v in slots[kind]] == [1, None]
+    assert "add_variable_from_reference" not in vars(optimizer)  # Keras' own method again
+    with pytest.raises(ValueError, match="not been built"):
+        build_slots(optimizer, weights, ONE_PROCESS)

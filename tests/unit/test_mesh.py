@@ -4,7 +4,7 @@ import random
 import pytest
 
 from common.errors import ConfigError
-from common.plans.mesh import (AXES, Mesh, Plan, build_mesh, check_divisible, parse_plan,
+from common.mesh import (AXES, Mesh, Plan, build_mesh, check_divisible, parse_plan,
                                split_layers)
 
 
