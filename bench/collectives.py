@@ -30,7 +30,7 @@ from pathlib import Path
 from collections.abc import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.launchers import launch_env, run_script  # noqa: E402  (the same launcher the tests use)
+from scripts.launchers import launch_env, run_script  # noqa: E402  (the same launcher the tests use)
 
 KIB, MIB = 1024, 1024 * 1024
 DEFAULT_SIZES = [4 * KIB * 4 ** i for i in range(9)]     # 4 KiB .. 256 MiB

@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.launchers import REPO, command, launch_env, run_script  # noqa: E402
+from scripts.launchers import REPO, command, launch_env, run_script  # noqa: E402
 
 SYNTHETIC = Path(__file__).resolve().with_name("synthetic.py")
 SYNTHETIC_DEFAULTS = ["--model=MobileNetV2", "--batch-size=8", "--image-size=96", "--num-warmup-batches=5",
@@ -42,7 +42,7 @@ SYNTHETIC_DEFAULTS = ["--model=MobileNetV2", "--batch-size=8", "--image-size=96"
 class Setup:
     label: str
     mode: str          # synthetic.py --mode
-    launcher: str      # a tests/launchers.py launcher, "tf_config" (one process per worker) or "independent"
+    launcher: str      # a scripts/launchers.py launcher, "tf_config" (one process per worker) or "independent"
     processes: int
     args: tuple[str, ...] = ()  # more synthetic.py flags
     env: tuple[tuple[str, str], ...] = ()  # more environment variables (horovodrun passes them on)

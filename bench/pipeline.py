@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.launchers import run_recipe  # noqa: E402  (the same launcher the tests use)
+from scripts.launchers import run_recipe  # noqa: E402  (the same launcher the tests use)
 
 
 def summary(args: list[str], launcher: str, processes: int) -> dict:

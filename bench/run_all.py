@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from collectives import human  # noqa: E402
-from tests.launchers import REPO, launch_env  # noqa: E402
+from scripts.launchers import REPO, launch_env  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 RECIPES = ("translate", "summarize", "classify")

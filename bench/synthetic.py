@@ -8,7 +8,7 @@
 A keras.applications model (weights=None) trains on one fixed batch of random images, so only
 compute and communication are measured. Every mode runs the same model, loss (softmax
 cross-entropy), optimizer (SGD) and batch per replica, from a `tf.data` iterator:
-- `horovod`: the project's path, `common.dist` + `common.plans.data.make_train_step`.
+- `horovod`: the project's path, `common.api.make_step` on the data plan.
 - `keras`: the minimal Keras 3 step (tape, mean loss, `optimizer.apply`) in a `tf.function`; the
   reference for the plan's own overhead. (`fit` adds its own loop, callbacks and metrics.)
 - `mirrored` / `multiworker`: the custom training loop tf.distribute documents for Keras 3:
@@ -93,10 +93,13 @@ def make_optimizer():
 # and returns a loss tensor.
 def horovod_plan(options) -> tuple[Callable[[], tf.Tensor], int, int]:
     """The project's data plan on Horovod processes (any count, plain python = one)."""
-    from common import api
-    from common.config import TrainConfig
-    run = api.start(TrainConfig, "synthetic", [f"--seed={options.seed}", f"--allreduce={options.allreduce}",
-                                               "--clip_norm=0"])
+    from common import api, dist as dist_lib
+    from common.mesh import parse_plan
+    # A Run of this benchmark's own settings: its batch is per process, not a global one to split.
+    config = api.TrainConfig(seed=options.seed, allreduce=options.allreduce, clip_norm=0.0)
+    dist = dist_lib.init("horovod", parse_plan("data"), seed=options.seed, deterministic=False,
+                         grouped_allreduce=options.allreduce == "grouped")
+    run = api.Run(config, dist, parse_plan("data"), Path("runs/synthetic"), "")  # writes nothing
     with run.model_scope():  # the same seed on every rank: equal weights, no broadcast
         model = build_model(options)
 

@@ -25,7 +25,6 @@ import tensorflow as tf
 
 from common.compression import TopKCodec, float32_bytes
 from common.config import parse_compression
-from common.errors import ConfigError
 from common.optimizers import build_slots
 from common.plans.data import accumulated_grads, global_means, make_clip, split_micro_batches
 from common.state import variable_names
@@ -42,10 +41,6 @@ class UpdateTopK(TopKCodec):
     def __init__(self, fraction: float):
         super().__init__(fraction)
         self.spec = f"topk_updates:{fraction:g}"
-
-
-def is_update_compression(spec: str) -> bool:
-    return parse_compression(spec)[0] == "topk_updates"
 
 
 @contextlib.contextmanager
@@ -110,24 +105,18 @@ def step_on_compressed_updates(shares, variables, optimizer, codec: UpdateTopK, 
 
 
 def _halves(micro_batches) -> tuple[list, list] | None:
-    """Each micro-batch cut into its first half and the rest; None when they hold one example."""
+    """The micro-batches' first halves and their second halves; None when they hold one example."""
     size = tf.nest.flatten(micro_batches[0])[0].shape[0]
     if size < 2:
         return None
-    cut = [split_micro_batches_at(m, size // 2) for m in micro_batches]
-    return [first for first, _ in cut], [second for _, second in cut]
-
-
-def split_micro_batches_at(batch, index: int) -> tuple:
-    pieces = [(t[:index], t[index:]) for t in tf.nest.flatten(batch)]
-    return tuple(tf.nest.pack_sequence_as(batch, [p[i] for p in pieces]) for i in range(2))
+    cut = [[tf.split(t, [size // 2, size - size // 2]) for t in tf.nest.flatten(m)] for m in micro_batches]
+    return tuple([tf.nest.pack_sequence_as(m, [t[half] for t in parts]) for m, parts in zip(micro_batches, cut)]
+                 for half in (0, 1))
 
 
 def make_train_step(run, model: keras.Model, optimizer: keras.optimizers.Optimizer, loss_sums) -> Step:
     """The data plan's step with each replica's update compressed (module docstring)."""
     config, dist = run.config, run.dist
-    if dist.pipeline.size > 1:
-        raise ConfigError("--compression=topk_updates runs on data and tensor plans: use topk:F on pipeline plans")
     variables = model.trainable_variables
     slots = build_slots(optimizer, variables, dist)
     codec = UpdateTopK(parse_compression(config.compression)[1])

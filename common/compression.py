@@ -129,6 +129,7 @@ class ErrorFeedback(Codec):
         self.residuals = [mark_split(tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="residual"),
                                      split_axis(v)) for v in variables]
         self.names = [f"{self.state_kind}/{name}" for name in variable_names(variables)]
+        self.is_split = [split_axis(v) is not None for v in variables]
 
     def replica_state(self):
         return dict(zip(self.names, self.residuals)) if self.residuals else {}
@@ -142,7 +143,9 @@ class TopKCodec(ErrorFeedback):
     many as the fraction of their entries, as (index, value) pairs in one all-gather of int32
     indices and one of bfloat16 values, 6 bytes an entry; what rounding drops stays in the
     residual. The sum is scattered back in replica order, so every rank gets the same bits.
-    One selection over all matrices lets the matrices whose gradients add up fastest send more.
+    One selection over all matrices lets the matrices whose gradients add up fastest send more;
+    under a tensor plan the matrices every tensor rank holds whole are selected apart from the
+    split ones, so that their identical gradients give identical picks on every tensor rank.
     Vectors (biases, norm scales: few bytes, but few entries each, which a fraction would
     leave waiting for many steps) ride whole in one all-reduce."""
 
@@ -158,12 +161,13 @@ class TopKCodec(ErrorFeedback):
 
     def sum(self, grads, group):
         corrected = self.corrected(grads)
-        sparse = [i for i, g in enumerate(grads) if len(g.shape) >= 2]
         whole = [i for i, g in enumerate(grads) if len(g.shape) < 2]
         results = dict(zip(whole, group.sum([corrected[i] for i in whole]) if whole else []))
-        if sparse:
-            sums = self._sparse_sum([corrected[i] for i in sparse], [self.residuals[i] for i in sparse], group)
-            results.update(zip(sparse, sums))
+        for split in (False, True):
+            sparse = [i for i, g in enumerate(grads) if len(g.shape) >= 2 and self.is_split[i] == split]
+            if sparse:
+                sums = self._sparse_sum([corrected[i] for i in sparse], [self.residuals[i] for i in sparse], group)
+                results.update(zip(sparse, sums))
         return [results[i] for i in range(len(grads))]
 
     def _sparse_sum(self, tensors, residuals, group) -> list[tf.Tensor]:

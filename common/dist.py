@@ -3,13 +3,10 @@
 Two backends share one interface, so plans and the loop never ask which one runs:
 - `horovod` (default): processes launched by `horovodrun`, `mpirun` or `srun` (plain `python`
   gives one process), laid out on a data x tensor x pipeline `Mesh`; each axis of it is a
-  `Group` (a Horovod process set). Gradients travel with Horovod's fused ring all-reduce.
-- `mirrored`: `tf.distribute.MirroredStrategy` over the devices of one process (its GPUs,
-  or N logical CPU devices, which is how the tests run it); data parallelism only. Its data
-  group is a `ReplicaGroup`, whose collectives run in the strategy's replica context.
-
-A training step is written for one replica and its share of the global batch; it sums what
-must be global over `dist.data`. `run_step` runs it on every replica.
+  `Group` (a Horovod process set), `dist.data`, `dist.tensor` and `dist.pipeline`.
+- `mirrored`: `tf.distribute.MirroredStrategy` over the devices of one process (its GPUs, or
+  N logical CPU devices, as the tests run it); data parallelism only, over a `ReplicaGroup`.
+A step is written for one replica and its share of the batch; `run_step` runs it on each.
 """
 from __future__ import annotations
 
@@ -42,15 +39,11 @@ class Group:
         return len(self.ranks)
 
     def sum(self, tensors: Sequence[tf.Tensor], name: str | None = None) -> list[tf.Tensor]:
-        """Element-wise sums over the group: one grouped all-reduce, which starts once every
-        tensor is ready and is fused into as few buffers as the fusion threshold allows; or,
-        if not `grouped`, one all-reduce per tensor, each issued as soon as its tensor is ready
-        (in a graph: while the backward pass goes on), fused with those that arrive within the
-        same Horovod cycle.
-
-        Horovod matches a collective across processes by name, by default derived from the
-        input's name in the graph. Members that trace different graphs (pipeline stages)
-        must pass the same `name`."""
+        """Element-wise sums over the group: one grouped all-reduce, fused into as few buffers
+        as the fusion threshold allows; or, if not `grouped`, one all-reduce per tensor, each
+        issued as soon as its tensor is ready. Horovod matches collectives across processes by
+        name, by default the input's name in the graph: members that trace different graphs
+        (pipeline stages) must pass the same `name`."""
         if self.size == 1:
             return list(tensors)
         import horovod.tensorflow as hvd
@@ -72,12 +65,12 @@ class Group:
         import horovod.tensorflow as hvd
         return hvd.allgather(tensor, process_set=self.process_set)
 
-    def broadcast(self, tensor: tf.Tensor, root: int = 0, name: str | None = None) -> tf.Tensor:
+    def broadcast(self, tensor: tf.Tensor, root: int = 0) -> tf.Tensor:
         """Member `root`'s `tensor` on every member: a sum to which the others add zeros, one
         collective that means the same for any process set."""
         if self.size == 1:
             return tensor
-        return self.sum([tensor if self.index == root else tf.zeros_like(tensor)], name=name)[0]
+        return self.sum([tensor if self.index == root else tf.zeros_like(tensor)])[0]
 
     def broadcast_variables(self, variables: Sequence[Any]) -> None:
         """Give the group the values of its first member, in one collective over a flat float64
@@ -95,17 +88,13 @@ class ReplicaGroup:
     strategy's replica context; its variables are mirrored, so a broadcast has nothing to do."""
 
     size: int
-    index: int = 0
 
     def sum(self, tensors: Sequence[tf.Tensor], name: str | None = None) -> list[tf.Tensor]:
         context = tf.distribute.get_replica_context()
         return list(context.all_reduce(tf.distribute.ReduceOp.SUM, list(tensors)))
 
-    def gather(self, tensor: tf.Tensor) -> tf.Tensor:
-        raise ConfigError("gathering across replicas needs --backend=horovod")
-
     def broadcast_variables(self, variables: Sequence[Any]) -> None:
-        """Nothing to do: MirroredStrategy keeps every replica's copy the same."""
+        pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +122,6 @@ class Dist:
 
     @property
     def num_replicas(self) -> int:
-        """Data-parallel replicas in the whole job."""
         return self.data.size
 
     @property
@@ -162,10 +150,10 @@ class Dist:
         return tf.nest.map_structure(lambda v: self.strategy.experimental_local_results(v)[0], outputs)
 
     # ---------------------------------------------------------------- host-side, every process
-    def broadcast_error(self, message: str | None) -> None:
-        """Raise the chief's error on every process: for checks only the chief can make
-        (it alone reads a checkpoint), so no other rank waits forever in a collective."""
-        message = self.broadcast_object(message)
+    def raise_any(self, message: str | None) -> None:
+        """Raise on every process the first error any process met (None: no error), so that no
+        rank goes on to wait forever in a collective the failed one never joins."""
+        message = next((m for m in self.gather_objects(message) if m), None)
         if message:
             raise RecipeError(message)
 
@@ -206,9 +194,8 @@ def configure_threads(intra_op_threads: int) -> None:
 
 
 def _init_horovod(plan: Plan, grouped_allreduce: bool) -> Dist:
-    # Open MPI busy-polls while a rank waits in a collective, so Horovod's background thread
-    # spins on a core the TensorFlow threads need (bench/README.md has the measurement). Set
-    # before MPI starts (hvd.init); a user's value wins.
+    # Open MPI busy-polls while a rank waits in a collective, on a core the TensorFlow threads
+    # need (README: Benchmarks). Set before MPI starts (hvd.init); a user's value wins.
     os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     try:
         import horovod.tensorflow as hvd

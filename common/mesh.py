@@ -171,12 +171,6 @@ class Mesh:
         following = stages[stage + 1] if stage + 1 < self.pipeline else None
         return previous, following
 
-    def is_first_stage(self, rank: int) -> bool:
-        return self.coords(rank)["pipeline"] == 0
-
-    def is_last_stage(self, rank: int) -> bool:
-        return self.coords(rank)["pipeline"] == self.pipeline - 1
-
 
 def build_mesh(plan: Plan, world_size: int) -> Mesh:
     """The plan's grid over `world_size` ranks; ConfigError when the degrees do not multiply to it."""

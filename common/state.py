@@ -59,18 +59,29 @@ class TrainingState:
         return (mesh.tensor, mesh.pipeline) != (1, 1)
 
     def full_arrays(self) -> dict[str, np.ndarray] | None:
-        """Full tensors on the chief (None elsewhere). A collective: call on every process."""
-        local = self._local_arrays()
-        if not self._model_parallel and not self.replica_state:
+        """Every full tensor on the chief (None elsewhere). A collective: call on every process."""
+        return self._gathered(self._local_arrays(), bool(self.replica_state))
+
+    def model_arrays(self) -> dict[str, np.ndarray] | None:
+        """The full weights of the model (every stage's) on the chief. A collective."""
+        local = self._local_arrays() if self.dist.coords["data"] == 0 else {}
+        return self._gathered({name: local[name] for name in self.model_names if name in local}, False)
+
+    def _gathered(self, local: dict[str, np.ndarray], per_replica: bool) -> dict[str, np.ndarray] | None:
+        """Every process's `local` shards joined into full tensors on the chief."""
+        if not self._model_parallel and not per_replica:
             return local if self.dist.is_chief else None
-        parts = self.dist.gather_objects((self.dist.coords, local))
+        # Each process names its weights' split axes: the chief's stage lacks the other stages' weights.
+        parts = self.dist.gather_objects((self.dist.coords, local, self.axes))
         if not self.dist.is_chief:
             return None
-        full: dict[str, list[np.ndarray]] = {}
-        for _, arrays in sorted(parts, key=lambda part: (part[0]["tensor"], part[0]["pipeline"])):
+        shards: dict[str, list[np.ndarray]] = {}
+        axes = {}
+        for _, arrays, their_axes in sorted(parts, key=lambda part: (part[0]["tensor"], part[0]["pipeline"])):
+            axes.update(their_axes)
             for name, value in arrays.items():
-                full.setdefault(name, []).append(value)
-        return {name: self._join(name, shards) for name, shards in full.items()}
+                shards.setdefault(name, []).append(value)
+        return {name: _joined(pieces, axes.get(_unprefixed(name))) for name, pieces in shards.items()}
 
     def _local_arrays(self) -> dict[str, np.ndarray]:
         """This process's shards: the shared state from the first replica, its own from every one."""
@@ -79,10 +90,6 @@ class TrainingState:
         if replica == 0:
             arrays.update({name: np.asarray(v) for name, v in zip(self.names, self.variables)})
         return arrays
-
-    def _join(self, name: str, shards: list[np.ndarray]) -> np.ndarray:
-        axis = self.axes.get(_unprefixed(name))
-        return shards[0] if axis is None else np.concatenate(shards, axis=axis)
 
     def assign(self, arrays: dict[str, np.ndarray], source: Path) -> None:
         """Take this process's slice of each full tensor; refuse a checkpoint of another model."""
@@ -108,19 +115,26 @@ class TrainingState:
         """Resume from the newest checkpoint if asked and one exists, else keep the fresh
         weights; either way every data-parallel replica ends with the same shared state."""
         error, arrays = None, None
+        # Every stage's names: the chief's pipeline stage holds only some of them.
+        replica_names = set().union(*self.dist.gather_objects(set(self.replica_state)))
         if self.dist.is_chief and resume and checkpoint.latest_step(directory) is not None:
             try:
                 _, arrays = checkpoint.load(directory)
-                self._check_replica_state(arrays, directory)
+                _check_replica_state(arrays, replica_names, self.dist.num_replicas, directory)
                 self.assign(arrays, directory)
             except RecipeError as failure:  # reported on every process below
                 error, arrays = str(failure), None
-        self.dist.broadcast_error(error)
+        self.dist.raise_any(error)
         if self._model_parallel:
             # Every process needs the full tensors to cut its own slices from.
             arrays = self.dist.broadcast_object(arrays)
-            if arrays is not None:
-                self.assign(arrays, directory)
+            error = None
+            try:
+                if arrays is not None:
+                    self.assign(arrays, directory)
+            except RecipeError as failure:  # another stage's or tensor rank's weights may not match
+                error = str(failure)
+            self.dist.raise_any(error)
         self.dist.data.broadcast_variables(self.variables)
         if self.replica_state:
             if not self._model_parallel:
@@ -131,17 +145,23 @@ class TrainingState:
                 if arrays and prefix + name in arrays:
                     v.assign(local_slice(arrays[prefix + name], self.axes[name], self.dist.tensor))
 
-    def _check_replica_state(self, arrays: dict[str, np.ndarray], source: Path) -> None:
-        """RecipeError unless this run takes back every replica's state the checkpoint holds."""
-        saved = [key for key in arrays if key.startswith(PER_REPLICA_ROOT)]
-        if not saved:
-            return
-        replicas = 1 + max(int(key.split("/")[1]) for key in saved)
-        kinds = sorted({_unprefixed(key).split("/")[0] for key in saved})
-        if {_unprefixed(key) for key in saved} != set(self.replica_state) or replicas != self.dist.num_replicas:
-            raise RecipeError(f"checkpoint {source} holds state of each of its {replicas} data-parallel replicas "
-                              f"({', '.join(kinds)}) that this run cannot take: resume with {replicas} replicas and "
-                              f"the --compression its config.json names, or {checkpoint.FIX.format(source)}")
+
+def _check_replica_state(arrays: dict[str, np.ndarray], names: set[str], replicas: int, source: Path) -> None:
+    """RecipeError unless a run whose replicas hold state `names` takes back every replica's
+    state the checkpoint holds."""
+    saved = [key for key in arrays if key.startswith(PER_REPLICA_ROOT)]
+    if not saved:
+        return
+    saved_replicas = 1 + max(int(key.split("/")[1]) for key in saved)
+    kinds = sorted({_unprefixed(key).split("/")[0] for key in saved})
+    if {_unprefixed(key) for key in saved} != names or saved_replicas != replicas:
+        raise RecipeError(f"checkpoint {source} holds state of each of its {saved_replicas} data-parallel replicas "
+                          f"({', '.join(kinds)}) that this run cannot take: resume with {saved_replicas} replicas and "
+                          f"the --compression its config.json names, or {checkpoint.FIX.format(source)}")
+
+
+def _joined(shards: list[np.ndarray], axis: int | None) -> np.ndarray:
+    return shards[0] if axis is None else np.concatenate(shards, axis=axis)
 
 
 def _unprefixed(name: str) -> str:

@@ -14,8 +14,8 @@ class Step:
     `run(batch)` takes this process's share of the global batch, updates the weights and returns
     global metrics. `replica_state` is the state each data-parallel replica holds its own value
     of ({name: variable}: a codec's residuals, per-replica optimizer moments), which checkpoints
-    keep once per replica. `wire_bytes` is what one replica sends of its gradients per step,
-    `float32_bytes` the same gradients as one float32 all-reduce. `report` holds facts of the
+    keep once per replica. `wire_bytes` is what one replica sends per step of its gradients (or,
+    under topk_updates, of its updates), `float32_bytes` the same as one float32 all-reduce. `report` holds facts of the
     plan for summary.json (a pipeline's micro-batches in flight)."""
 
     run: Callable[[Any], Metrics]

@@ -82,7 +82,7 @@ def load_trained(out_dir: str):
 
 @api.guarded
 def main():
-    run = api.start(ClassifyConfig, "classify", axes=("data",))
+    run = api.start(ClassifyConfig, "classify")  # data parallel: the ConvNet's layers are Keras' own
     cfg = run.config
     data = load_images(data_dir=run.data_dir, dataset=cfg.dataset or None, debug=cfg.debug,
                        source_dir=cfg.source_dir)
@@ -90,7 +90,7 @@ def main():
         model = build_convnet(model_size(cfg, data.train_images.shape[1:], len(data.class_names)))
         optimizer = api.make_optimizer(cfg, cfg.optimizer)
     step = api.make_step(run, model, optimizer, loss_sums)
-    count = len(data.test_labels) if not cfg.max_test else min(cfg.max_test, len(data.test_labels))
+    count = min(cfg.max_test or len(data.test_labels), len(data.test_labels))
     test_set = (data.test_images[:count], data.test_labels[:count])
 
     def export(out_dir):  # beside model.npz; reload both with load_trained()

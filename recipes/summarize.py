@@ -48,31 +48,23 @@ import tensorflow as tf  # noqa: E402
 from common import api  # noqa: E402
 from common.data.summarization import load_summarization  # noqa: E402
 from common.metrics import rouge  # noqa: E402
-from common.models.transformer import CausalLM, TransformerSize, lm_loss_sums  # noqa: E402
+from common.models.transformer import CausalLM, TransformerSize, greedy_decode, lm_loss_sums  # noqa: E402
 from common.plans import pipeline  # noqa: E402
 from common.plans.tensor import vocab_parallel_argmax  # noqa: E402
 
 
-def summaries(forward, group, source: np.ndarray, bos: int, eos: int, summary_len: int) -> list[list[int]]:
-    """Greedy summaries of `source` rows, without bos and eos; `forward` is the plan's
-    (`plans.pipeline.make_forward`), called by every rank of a tensor or pipeline group alike."""
-    target = np.zeros((len(source), summary_len + 1), np.int32)
-    target[:, 0] = bos
-    for t in range(summary_len):
-        next_ids = forward((tf.constant(source), tf.constant(target)),
-                           lambda logits: vocab_parallel_argmax(logits[:, t], group))
-        target[:, t + 1] = next_ids.numpy()
-        if (target[:, 1:t + 2] == eos).any(axis=1).all():
-            break
-    return [list(row[1:list(row).index(eos)]) if eos in row else list(row[1:]) for row in target]
-
-
 def evaluate(run, data, forward, count: int) -> dict:
-    """ROUGE of greedy summaries of the first `count` held-out documents, decoded by all ranks together."""
+    """ROUGE of greedy summaries of the first `count` held-out documents, decoded by all ranks
+    together; `forward` is the plan's (`plans.pipeline.make_forward`)."""
     tokenizer, group = data.tokenizer, run.dist.tensor
 
     def summarize(rows):
-        ids = summaries(forward, group, np.stack(rows), tokenizer.bos_id, tokenizer.eos_id, run.config.summary_len)
+        source = tf.constant(np.stack(rows))
+
+        def next_ids(tokens, t):  # the argmax over the vocabulary, split over the tensor group
+            return forward((source, tf.constant(tokens)), lambda logits: vocab_parallel_argmax(logits[:, t], group))
+        ids = greedy_decode(lambda tokens, t: next_ids(tokens, t).numpy(), len(rows), run.config.summary_len,
+                            tokenizer.bos_id, tokenizer.eos_id)
         return [tokenizer.decode(row) for row in ids]
 
     hypotheses, references = api.gathered_outputs(run.dist, summarize, data.test_src[:count]), data.test_tgt_text[:count]
@@ -83,7 +75,7 @@ def evaluate(run, data, forward, count: int) -> dict:
 
 @api.guarded
 def main():
-    run = api.start(SummarizeConfig, "summarize")
+    run = api.start(SummarizeConfig, "summarize", axes=("data", "tensor", "pipeline"))
     cfg = run.config
     data = load_summarization(data_dir=run.data_dir, dataset=cfg.dataset or None, debug=cfg.debug,
                               max_src_len=cfg.source_len, max_tgt_len=cfg.summary_len, vocab_size=cfg.vocab_size)
@@ -96,7 +88,7 @@ def main():
         optimizer = api.make_optimizer(cfg)
     step = api.make_step(run, model, optimizer, lm_loss_sums(run.dist.tensor))
     forward = pipeline.make_forward(run, model)
-    count = len(data.test_src) if not cfg.max_test else min(cfg.max_test, len(data.test_src))
+    count = min(cfg.max_test or len(data.test_src), len(data.test_src))
 
     summary = api.train(run, model, optimizer, step, (data.train_src, data.train_tgt),
                         evaluate=lambda: evaluate(run, data, forward, count),

@@ -90,7 +90,7 @@ def main():
         optimizer = api.make_optimizer(cfg)
     step = api.make_step(run, model, optimizer, loss_sums)
     decoder = GreedyDecoder(model, data.tokenizer.bos_id, data.tokenizer.eos_id)
-    count = len(data.test_src) if not cfg.max_test else min(cfg.max_test, len(data.test_src))
+    count = min(cfg.max_test or len(data.test_src), len(data.test_src))
 
     summary = api.train(run, model, optimizer, step, (data.train_src, data.train_tgt),
                         evaluate=lambda: evaluate(run, data, decoder, count),

@@ -53,7 +53,7 @@ def _batches(builder, split: str, keys: tuple[str, ...]):
     """Batches of {feature: texts as UTF-8 bytes} of `split`, in the stored order.
 
     TFRecord shards are parsed here a batch at a time: TFDS decodes one example at a
-    time, which takes about 15 s for the 270k pairs of FreeDict's `sentences` config.
+    time, which is slow for the 270k pairs of FreeDict's `sentences` config.
     """
     if builder.info.file_format != tfds.core.file_adapters.FileFormat.TFRECORD:
         yield from tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False).batch(8192))

@@ -42,6 +42,12 @@ class TransformerSize:
         return cls(padded_vocab, max_len, config.d_model, config.heads, config.layers, config.ff_dim, dropout)
 
 
+def embed(model, ids, training):
+    """Token embeddings, scaled by the root of the width, plus learned positions, with dropout."""
+    positions = model.positions(tf.range(tf.shape(ids)[1]))[None]
+    return model.drop(model.embedding(ids) * (model.size.width ** 0.5) + positions, training=training)
+
+
 def padding_mask(query_ids: tf.Tensor, key_ids: tf.Tensor, causal: bool = False) -> tf.Tensor:
     """[batch, query, key] booleans: the key is not padding (and, if causal, not in the future)."""
     mask = tf.not_equal(key_ids, 0)[:, None, :] & tf.ones_like(query_ids, dtype=tf.bool)[:, :, None]
@@ -87,19 +93,15 @@ class Seq2SeqTransformer(keras.Model):
         self.logits = ColumnParallelDense(size.vocab_size, group, name="logits")
         self.drop = keras.layers.Dropout(size.dropout)
 
-    def embed(self, ids, training):
-        positions = self.positions(tf.range(tf.shape(ids)[1]))[None]
-        return self.drop(self.embedding(ids) * (self.size.width ** 0.5) + positions, training=training)
-
     def encode(self, source, training=False):
-        x, mask = self.embed(source, training), padding_mask(source, source)
+        x, mask = embed(self, source, training), padding_mask(source, source)
         for block in self.encoder_blocks:
             x = block(x, mask, training=training)
         return self.encoder_norm(x)
 
     def decode(self, target_in, memory, source, training=False):
         """Logits of this rank's vocabulary range, [batch, target length, vocab / group size]."""
-        y = self.embed(target_in, training)
+        y = embed(self, target_in, training)
         self_mask, cross_mask = padding_mask(target_in, target_in, causal=True), padding_mask(target_in, source)
         for block in self.decoder_blocks:
             y = block(y, self_mask, memory, cross_mask, training=training)
@@ -131,9 +133,22 @@ def loss_sums(model: Seq2SeqTransformer, batch, training: bool):
     return token_loss_sums(model((source, target[:, :-1]), training=training), target[:, 1:], model.group)
 
 
+def greedy_decode(next_ids, rows: int, length: int, bos: int, eos: int) -> list[list[int]]:
+    """Greedy decoding of `rows` sequences of up to `length` ids: `next_ids(tokens, t)` gives each
+    row's id after position t of `tokens` (int32 [rows, length + 1], bos first). It stops once
+    every row has an eos, and returns each row's ids without bos and eos."""
+    tokens = np.zeros((rows, length + 1), np.int32)
+    tokens[:, 0] = bos
+    for t in range(length):
+        tokens[:, t + 1] = next_ids(tokens, t)
+        if (tokens[:, 1:t + 2] == eos).any(axis=1).all():
+            break
+    return [list(row[1:list(row).index(eos)]) if eos in row else list(row[1:]) for row in tokens]
+
+
 class GreedyDecoder:
-    """Greedy translation of id batches. Every rank of a tensor group must decode the same
-    batch at the same time: the argmax over the split vocabulary is a collective."""
+    """Greedy translation of id batches, the source encoded once. Every rank of a tensor group
+    must decode the same batch at the same time: the argmax over the split vocabulary is a collective."""
 
     def __init__(self, model: Seq2SeqTransformer, bos: int, eos: int):
         self.model, self.bos, self.eos = model, bos, eos
@@ -145,18 +160,11 @@ class GreedyDecoder:
         return vocab_parallel_argmax(tf.gather(logits, t, axis=1), self.model.group)
 
     def __call__(self, source: np.ndarray) -> list[list[int]]:
-        """Output ids of each source row, without bos and eos."""
-        memory = self._encode(tf.constant(source))
-        tokens = np.zeros_like(source)
-        tokens[:, 0] = self.bos
-        outputs = np.zeros_like(source)
-        for t in range(source.shape[1]):
-            outputs[:, t] = self._next_ids(tf.constant(tokens), memory, tf.constant(source), tf.constant(t)).numpy()
-            if t + 1 < source.shape[1]:
-                tokens[:, t + 1] = outputs[:, t]
-            if (outputs[:, :t + 1] == self.eos).any(axis=1).all():
-                break
-        return [list(row[:list(row).index(self.eos)]) if self.eos in row else list(row) for row in outputs]
+        """Output ids of each source row (at most as many as the source is wide), without bos and eos."""
+        memory, width = self._encode(tf.constant(source)), source.shape[1]
+        return greedy_decode(lambda tokens, t: self._next_ids(tf.constant(tokens[:, :width]), memory, tf.constant(source),
+                                                              tf.constant(t)).numpy(),
+                             len(source), width, self.bos, self.eos)
 
 
 # ------------------------------------------------------------------ decoder-only (prefix) LM
@@ -219,8 +227,7 @@ def lm_forward(part, batch, x, training):
     source, target = batch
     ids = tf.concat([source, target[:, :-1]], axis=1)
     if part.first:
-        positions = part.positions(tf.range(tf.shape(ids)[1]))[None]
-        x = part.drop(part.embedding(ids) * (part.size.width ** 0.5) + positions, training=training)
+        x = embed(part, ids, training)
     mask = padding_mask(ids, ids, causal=True)
     for block in part.blocks:
         x = block(x, mask, training=training)

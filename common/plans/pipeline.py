@@ -103,10 +103,8 @@ class PipelineRunner:
     def __init__(self, dist, stage, loss_sums=None, schedule: str = "gpipe", recompute: bool = False):
         self.stage, self.recompute, self.links = stage, recompute, Links()
         self.make_schedule = SCHEDULES[schedule]
-        group = dist.pipeline
-        self.index, self.stages = group.index, group.size
-        self.previous = group.ranks[self.index - 1] if self.index > 0 else None
-        self.following = group.ranks[self.index + 1] if self.index + 1 < self.stages else None
+        self.index, self.stages = dist.pipeline.index, dist.pipeline.size
+        self.previous, self.following = dist.mesh.stage_neighbours(dist.process_rank)
         self.forward = tf.function(lambda batch, incoming, training: stage(batch, incoming, training=training))
         if loss_sums is not None:
             self.loss = tf.function(lambda batch, incoming: loss_sums(

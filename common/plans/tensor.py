@@ -182,19 +182,14 @@ def vocab_parallel_argmax(local_logits: tf.Tensor, group: Group) -> tf.Tensor:
     return -group.max(-candidates)
 
 
-def split_heads_check(heads: int, width: int, group: Group) -> int:
-    """Heads on this rank; the split must be exact."""
-    if heads % group.size or width % heads:
-        raise ValueError(f"{heads} heads of width {width} do not split over {group.size} ranks")
-    return heads // group.size
-
-
 class ParallelAttention(keras.layers.Layer):
     """Multi-head attention split by heads: Q, K, V column-parallel, output row-parallel."""
 
     def __init__(self, width: int, heads: int, group: Group, dropout: float = 0.0, **kwargs):
         super().__init__(**kwargs)
-        self.local_heads = split_heads_check(heads, width, group)
+        if heads % group.size or width % heads:
+            raise ValueError(f"{heads} heads of width {width} do not split over {group.size} ranks")
+        self.local_heads = heads // group.size
         self.head_width = width // heads
         self.query, self.key, self.value = (ColumnParallelDense(width, group, name=n) for n in ("query", "key", "value"))
         self.output_dense = RowParallelDense(width, group, name="output")

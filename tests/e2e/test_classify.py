@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from tests.launchers import assert_same_training, one_process_run, run_recipe
+from scripts.launchers import assert_same_training, one_process_run, run_recipe
 
 pytestmark = pytest.mark.slow
 

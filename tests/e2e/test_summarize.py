@@ -1,7 +1,7 @@
 """summarize.py end to end: every model-parallel plan trains exactly like one process."""
 import pytest
 
-from tests.launchers import assert_same_training, one_process_run, run_recipe
+from scripts.launchers import assert_same_training, one_process_run, run_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,8 @@ def reference(data_dir, tmp_path_factory):
     (2, "pipeline=2,microbatches=4,schedule=1f1b,recompute=true"),
     (2, "tensor=2"),
     (4, "data=2,pipeline=2,microbatches=2,schedule=1f1b"),
-], ids=["pipeline2-gpipe", "pipeline2-1f1b-recompute", "tensor2", "data2-pipeline2"])
+    (4, "tensor=2,pipeline=2,microbatches=2"),
+], ids=["pipeline2-gpipe", "pipeline2-1f1b-recompute", "tensor2", "data2-pipeline2", "tensor2-pipeline2"])
 def test_model_parallel_plans_train_exactly_like_one_process(processes, plan, reference, data_dir, tmp_path):
     result = run_recipe("summarize", DETERMINISTIC + [f"--data_dir={data_dir}", f"--plan={plan}"], tmp_path,
                         launcher="horovodrun", processes=processes)
@@ -32,7 +33,7 @@ def test_model_parallel_plans_train_exactly_like_one_process(processes, plan, re
 def test_one_process_run_reports_rouge(reference):
     summary = reference.summary()
     assert {"rouge1", "rouge2", "rougeL"} <= set(summary) and summary["test_documents"] == 16
-    assert (reference.out_dir / "model.npz").exists()
+    assert (reference.out_dir / "model.npz").exists() and (reference.out_dir / "subword.model").exists()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,5 +1,4 @@
 """Gradient codecs on one process: what they send, what they keep, what they cost."""
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -27,6 +26,19 @@ def test_top_k_sends_the_largest_entries_of_all_matrices_together_and_keeps_the_
     assert np.count_nonzero(sent[1].numpy()) < 5
     for g, s, residual in zip(grads, sent, compressor.residuals):
         np.testing.assert_array_equal(s.numpy() + residual.numpy(), g.numpy())
+
+
+def test_top_k_picks_the_matrices_every_tensor_rank_holds_apart_from_its_split_ones():
+    # A split shard with large gradients beside a replicated matrix: the replicated one still sends
+    # its own 10%, the same on every tensor rank, whatever this rank's shard holds.
+    from common.plans.tensor import mark_split
+    shard, replicated = 100 * tf.random.stateless_normal((10, 10), seed=(7, 0)), tf.random.stateless_normal((10, 10), seed=(7, 1))
+    compressor = make_codec("topk:0.1")
+    compressor.build([mark_split(tf.Variable(tf.zeros((10, 10))), 1), tf.Variable(tf.zeros((10, 10)))], ONE_PROCESS)
+    sent_shard, sent_replicated = compressor.sum([shard, replicated], ALONE)
+    assert np.count_nonzero(sent_shard) == np.count_nonzero(sent_replicated) == 10
+    largest = np.argsort(-np.abs(replicated.numpy().ravel()))[:10]
+    assert sorted(np.flatnonzero(sent_replicated.numpy())) == sorted(largest)
 
 
 def test_top_k_sends_vectors_whole():

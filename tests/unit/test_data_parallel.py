@@ -1,7 +1,6 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from common.data.pipeline import shard_rows, sharded_batches, unshard_rows
 from common.errors import ConfigError

@@ -172,8 +172,6 @@ def test_stage_neighbours(mesh_2x2x2):
     assert mesh_2x2x2.stage_neighbours(0) == (None, 2)
     assert mesh_2x2x2.stage_neighbours(2) == (0, None)
     assert mesh_2x2x2.stage_neighbours(5) == (None, 7)
-    assert [mesh_2x2x2.is_first_stage(rank) for rank in range(8)] == [True, True, False, False] * 2
-    assert [mesh_2x2x2.is_last_stage(rank) for rank in range(8)] == [False, False, True, True] * 2
 
 
 def test_stage_neighbours_of_a_four_stage_pipeline():
@@ -182,7 +180,6 @@ def test_stage_neighbours_of_a_four_stage_pipeline():
     assert mesh.stage_neighbours(6) == (5, 7)
     single = Mesh(data=2, tensor=1, pipeline=1)
     assert single.stage_neighbours(1) == (None, None)
-    assert single.is_first_stage(1) and single.is_last_stage(1)
 
 
 # --- check_divisible ----------------------------------------------------------------------
@@ -270,7 +267,7 @@ def test_split_layers_errors():
 
 
 def test_a_plan_along_an_axis_the_recipe_lacks_is_a_config_error():
-    from common.launch import check_plan_axes
+    from common.api import check_plan_axes
     check_plan_axes(parse_plan("data=2"), "classify", ("data",))
     check_plan_axes(parse_plan("tensor=2"), "translate", ("data", "tensor"))
     with pytest.raises(ConfigError, match="classify.py does not implement pipeline parallelism"):

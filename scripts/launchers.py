@@ -1,4 +1,5 @@
-"""Run a recipe as real processes, the way users launch it, and read what it wrote."""
+"""Run a recipe as real processes, the way users launch it, and read what it wrote (for the
+tests and the benchmarks)."""
 from __future__ import annotations
 
 import hashlib
@@ -51,28 +52,31 @@ def command(launcher: str, processes: int) -> list[str]:
     raise ValueError(launcher)
 
 
-def launch_env(**extra: str) -> dict[str, str]:
+def launch_env(root: Path = REPO, **extra: str) -> dict[str, str]:
     """The environment of every launch (plus `extra`): quiet TensorFlow, the repository
     importable, Open MPI allowed to run as root, this environment's scripts first on PATH."""
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO),
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(root),
             "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
             "PATH": f"{BIN}:{os.environ.get('PATH', '')}", **extra}
 
 
 def run_script(script: Path, args: list[str], *, launcher: str = "python", processes: int = 2,
-               timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run a Python script under `launcher`, from the repository root, its output captured."""
-    return subprocess.run(command(launcher, processes) + [str(script), *args], cwd=REPO,
-                          env=env or launch_env(), capture_output=True, text=True, timeout=timeout,
+               timeout: float = 600, env: dict[str, str] | None = None,
+               root: Path = REPO) -> subprocess.CompletedProcess:
+    """Run a Python script under `launcher`, from the checkout at `root`, its output captured."""
+    return subprocess.run(command(launcher, processes) + [str(script), *args], cwd=root,
+                          env=env or launch_env(root), capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
 
 
 def run_recipe(recipe: str, args: list[str], out_dir: Path, *, launcher: str = "python",
-               processes: int = 2, timeout: float = 600) -> Result:
+               processes: int = 2, timeout: float = 600, root: Path = REPO) -> Result:
+    """Run recipes/<recipe>.py, or the script at `recipe` when it names a path ("examples/x.py"),
+    from the checkout at `root` (this one by default)."""
     start = time.perf_counter()
-    done = run_script(REPO / "recipes" / f"{recipe}.py",
+    done = run_script(root / recipe if recipe.endswith(".py") else root / "recipes" / f"{recipe}.py",
                       [f"--out_dir={out_dir}", "--intra_op_threads=1", *args],
-                      launcher=launcher, processes=processes, timeout=timeout)
+                      launcher=launcher, processes=processes, timeout=timeout, root=root)
     return Result(done.returncode, done.stdout + done.stderr, time.perf_counter() - start, out_dir)
 
 
