@@ -1,16 +1,8 @@
-"""The public API: train your own Keras 3 model with this project's plans, as the recipes do.
-
-    run = api.start(MyConfig, "my_task")                # flags, backend, mesh, folders
-    with run.model_scope():                              # seeded; MirroredStrategy's scope
-        model, optimizer = build_my_model(), api.make_optimizer(run.config)
-    step = api.make_step(run, model, optimizer, loss_sums)
-    api.train(run, model, optimizer, step, (x_train, y_train),
-              evaluate=lambda: api.held_out_metrics(run.dist, model, loss_sums, (x_test, y_test)))
-
-`loss_sums(model, batch, training)` returns (the sum of the per-example losses, the number of
-examples or tokens, {metric: sum}): the plans divide by the *global* count, so N processes
-train exactly like one. A user's config subclasses `TrainConfig` with `flag(...)` fields.
-`examples/keras_model.py` is a complete script; README.md walks through it. A user-fixable
+"""The public API: train your own Keras 3 model with this project's plans, as the recipes do
+(`examples/keras_model.py`; README.md: Your own model). `start` a run, build the model in
+`run.model_scope()`, `make_step` for the plan, `train`. `loss_sums(model, batch, training)`
+returns (the sum of the per-example losses, the number of examples or tokens, {metric: sum}):
+the plans divide by the *global* count, so N processes train exactly like one. A user-fixable
 error anywhere (`RecipeError`) becomes one line on stderr and a non-zero exit (`guarded`).
 """
 from __future__ import annotations
@@ -26,17 +18,16 @@ from typing import Callable
 from common import compressed_updates
 from common import config as config_lib
 from common import dist as dist_lib
-from common.config import TrainConfig, check_flags, flag, load_saved
+from common.config import TrainConfig, flag, load_saved
 from common.errors import ConfigError, RecipeError, exit_with
 from common.loop import gathered_outputs, held_out_metrics, train
-from common.mesh import Plan, check_divisible, parse_plan
+from common.mesh import Plan, check_batch_splits, check_divisible, parse_plan
 from common.optimizers import make_optimizer
 from common.plans import data, pipeline
-from common.plans.data import per_replica_batch_size
 from common.state import load_weights
 from common.step import Step
 
-__all__ = ["Run", "Step", "TrainConfig", "check_flags", "flag", "gathered_outputs", "guarded", "held_out_metrics",
+__all__ = ["Run", "Step", "TrainConfig", "flag", "gathered_outputs", "guarded", "held_out_metrics",
            "load_saved", "load_weights", "make_optimizer", "make_step", "start", "train"]
 
 
@@ -63,8 +54,7 @@ class Run:
     def check_model_fits(self, *, layers: int, heads: int | None = None, ff_dim: int | None = None,
                          vocab_size: int | None = None) -> None:
         """ConfigError, on every rank and before any collective, if the plan cannot split the model."""
-        check_divisible(self.plan, self.dist.mesh, global_batch_size=self.config.global_batch_size,
-                        layers=layers, heads=heads, ff_dim=ff_dim, vocab_size=vocab_size)
+        check_divisible(self.dist.mesh, layers=layers, heads=heads, ff_dim=ff_dim, vocab_size=vocab_size)
 
     @property
     def process_batch_size(self) -> int:
@@ -86,7 +76,7 @@ def start(config_cls: type[config_lib.TrainConfig], recipe: str, argv=None,
                          grouped_allreduce=config.allreduce == "grouped")
     run = Run(config, dist, plan, Path(config.out_dir or f"runs/{recipe}"),
               config.data_dir or os.environ.get("TFDS_DATA_DIR") or str(Path.home() / "tensorflow_datasets"))
-    per_replica_batch_size(config.global_batch_size, dist.num_replicas, config.accum_steps)  # fails fast
+    check_batch_splits(config.global_batch_size, dist.num_replicas, config.accum_steps, plan.microbatches)
     return run
 
 

@@ -1,20 +1,15 @@
 """Top-k of each replica's optimizer *update* (`--compression=topk_updates:F`), data plans only.
 
 Error feedback only delays what it holds back if what it compresses adds up linearly into the
-weights. Adam's update does not: it divides by the root of the mean squared gradient, so a
-coordinate sent once in T steps as one accumulated spike moves about sqrt(T) times less than
-the same sum spread over T steps. Here every replica's optimizer steps on its own gradient
-(scaled up to an estimate of the global mean, clipped per replica), and the replicas average
-the top-k compressed change of the weights, with error feedback; the weights stay identical on
-every replica, each optimizer's moments are its own replica's. Two pieces make it train close
-to uncompressed Adam (docs/compression.md has the measurements):
+weights, and Adam's update does not: a coordinate sent once in T steps as one spike moves about
+sqrt(T) times less than the same sum spread over T steps. So every replica's optimizer steps on
+its own gradient (scaled up to an estimate of the global mean), and the replicas average the
+top-k of the change of the weights, with error feedback. Two pieces (docs/compression.md):
 - the look-ahead: each replica takes its gradient at the shared weights plus its own unsent
   updates, so its own steps count at once and only the other replicas' wait;
-- the second-moment correction: a replica's gradient carries the noise of 1/N of the batch,
-  N times the global gradient's variance, which would shrink Adam's steps wherever noise
-  dominates. Each replica computes its gradient in two halves and feeds Adam's second moment
-  g^2 - (N-1)/N d^2 (d the difference of the halves), whose expectation is the square a
-  one-process step on the whole batch sees.
+- the second-moment correction: one replica's gradient has N times the global one's variance,
+  which would shrink Adam's steps where noise dominates; each replica feeds Adam's second
+  moment g^2 - (N-1)/N d^2 (d: the difference of its batch halves' gradients) instead.
 """
 from __future__ import annotations
 

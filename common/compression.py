@@ -1,25 +1,13 @@
 """Gradient codecs: how (already normalised) gradients cross the wire, on every plan's gradient path.
 
-`codec.sum(grads, group)` returns the sum over the data-parallel group of every replica's
-`grads`, computed through whatever smaller representation the codec sends; every replica gets
-the same result. Gradients arrive divided by the global weight count (mean-sized), so narrower
-float types stay in range. `make_codec(spec)` takes `--compression`:
-
-    none           float32 all-reduce
-    fp16           float16 all-reduce
-    bf16           bfloat16 all-gather, summed in float32 (Horovod 0.28.1's all-reduce
-                   rejects bfloat16, its all-gather moves the bits as int16)
-    topk:F         the entries largest in magnitude of all matrices together, a fraction F of
-                   them, as (int32 index, bfloat16 value) pairs, with error feedback
-    powersgd:R     rank-R PowerSGD (Vogels et al. 2019) of every matrix, with error feedback
-
-Top-k and PowerSGD drop most of each step's signal and rely on error feedback: what a replica
-did not send (its residual) is added to what it sends next, so it is delayed, never lost. The
-residuals are state each replica holds its own value of (`replica_state`), which checkpoints keep
-per replica. Compressing each replica's optimizer *update* instead (`topk_updates:F`) is
-another training step: `common.compressed_updates`.
-`wire_bytes(shapes)` is what one replica contributes to the collectives per step, to compare
-with `float32_bytes(shapes)` (the uncompressed all-reduce).
+`codec.sum(grads, group)` is the sum over the data-parallel group of every replica's (mean-
+sized, so narrower floats stay in range) `grads`, through what the codec sends; every replica
+gets the same result. `make_codec(spec)` takes `--compression`: none (float32 all-reduce),
+fp16, bf16, topk:F and powersgd:R (with error feedback: what a replica did not send, its
+residual, is added to what it sends next, so it is delayed, never lost; the residuals are
+each replica's own `replica_state`, which checkpoints keep per replica). Compressing each
+replica's optimizer *update* instead (`topk_updates:F`) is another step: `common.compressed_updates`.
+`wire_bytes(shapes)` is what one replica sends per step, against `float32_bytes(shapes)`.
 """
 from __future__ import annotations
 
@@ -139,15 +127,12 @@ class ErrorFeedback(Codec):
 
 
 class TopKCodec(ErrorFeedback):
-    """Each replica sends the entries largest in magnitude of all its matrices together, as
-    many as the fraction of their entries, as (index, value) pairs in one all-gather of int32
-    indices and one of bfloat16 values, 6 bytes an entry; what rounding drops stays in the
-    residual. The sum is scattered back in replica order, so every rank gets the same bits.
-    One selection over all matrices lets the matrices whose gradients add up fastest send more;
-    under a tensor plan the matrices every tensor rank holds whole are selected apart from the
-    split ones, so that their identical gradients give identical picks on every tensor rank.
-    Vectors (biases, norm scales: few bytes, but few entries each, which a fraction would
-    leave waiting for many steps) ride whole in one all-reduce."""
+    """Each replica sends the largest fraction of all its matrices' entries together, as int32
+    indices and bfloat16 values (6 bytes an entry; what rounding drops stays in the residual),
+    scattered back in replica order, so every rank gets the same bits. One selection lets the
+    matrices whose gradients add up fastest send more; the matrices every tensor rank holds
+    whole are picked apart from split ones, so identical gradients give identical picks.
+    Vectors (few entries each, which a fraction would leave waiting) ride whole."""
 
     ENTRY_BYTES = 4 + 2  # an int32 index and a bfloat16 value
 

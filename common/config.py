@@ -1,11 +1,9 @@
 """Recipe configuration: one frozen dataclass per recipe, set from `--key=value` flags.
 
-Pure Python: a recipe checks its flags before TensorFlow loads, so a typo fails in a moment.
-Every field is a flag with a type, a default and a one-line help (`flag(...)`). A recipe
-subclasses `TrainConfig`, adds its own fields and may list `DEBUG` overrides that `--debug`
-applies (flags given explicitly still win). An unknown flag or a bad value raises
-`ConfigError`; `parse_or_exit` turns that into one line on stderr and exit code 2, which
-every rank does on its own, before any collective, so no rank is left waiting.
+Pure Python, so recipes check flags before TensorFlow loads. Every field is a flag with a type,
+a default and a help line (`flag(...)`); `DEBUG` lists what `--debug` overrides (explicit
+flags still win). A bad flag is a `ConfigError`, which `parse_or_exit` makes one line on
+stderr and exit code 2, on every rank by itself, before any collective.
 """
 from __future__ import annotations
 
@@ -177,11 +175,6 @@ def load_saved(cls: type[TrainConfig], out_dir: str | Path) -> TrainConfig:
     """The config a finished run wrote to its config.json (keys `cls` does not know are left out)."""
     saved = json.loads((Path(out_dir) / "config.json").read_text())
     return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
-
-
-def check_flags(cls: type[TrainConfig]) -> None:
-    """What a recipe runs before it imports TensorFlow: --help, or a bad flag, ends it at once."""
-    parse_or_exit(cls)
 
 
 def parse_or_exit(cls: type[TrainConfig], argv: Sequence[str] | None = None) -> TrainConfig:

@@ -1,12 +1,8 @@
-"""The one module that talks to Horovod and tf.distribute.
-
-Two backends share one interface, so plans and the loop never ask which one runs:
-- `horovod` (default): processes launched by `horovodrun`, `mpirun` or `srun` (plain `python`
-  gives one process), laid out on a data x tensor x pipeline `Mesh`; each axis of it is a
-  `Group` (a Horovod process set), `dist.data`, `dist.tensor` and `dist.pipeline`.
-- `mirrored`: `tf.distribute.MirroredStrategy` over the devices of one process (its GPUs, or
-  N logical CPU devices, as the tests run it); data parallelism only, over a `ReplicaGroup`.
-A step is written for one replica and its share of the batch; `run_step` runs it on each.
+"""The one module that talks to Horovod and tf.distribute. Two backends, one interface:
+- `horovod` (default): processes (`horovodrun`, `mpirun`, `srun`; plain `python` is one) on a
+  data x tensor x pipeline `Mesh`, a `Group` (Horovod process set) per axis: `dist.data`, ...;
+- `mirrored`: MirroredStrategy over one process's GPUs, or N logical CPUs, data parallel only
+  (a `ReplicaGroup`). A step is written for one replica; `run_step` runs it on each.
 """
 from __future__ import annotations
 

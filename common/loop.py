@@ -36,20 +36,15 @@ class ChiefLog:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._writer = tf.summary.create_file_writer(str(self.out_dir / "tb"))
 
-    def start_at(self, step: int) -> None:
-        """Drop lines past `step` (all of them on a fresh start): a resumed run rewrites them."""
-        path = self.out_dir / "metrics.jsonl"
-        if self.enabled and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in kept))
-
-    def last(self, key: str) -> Any:
-        """The latest value of `key` in metrics.jsonl (None if none, or on other ranks)."""
+    def start_at(self, step: int) -> list[dict[str, Any]]:
+        """Drop the records past `step` (all of them on a fresh start), which a resumed run
+        writes again; returns those kept (none on other ranks)."""
         path = self.out_dir / "metrics.jsonl"
         if not (self.enabled and path.exists()):
-            return None
-        values = [record[key] for record in map(json.loads, path.read_text().splitlines()) if key in record]
-        return values[-1] if values else None
+            return []
+        kept = [record for record in map(json.loads, path.read_text().splitlines()) if record["step"] <= step]
+        path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        return kept
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -82,13 +77,13 @@ def train(run, model, optimizer, step: Step, train_data: Sequence[np.ndarray], *
     state = TrainingState(dist, model, optimizer, step.replica_state)
     state.restore_or_start(ckpt_dir, config.resume)
     start = int(optimizer.iterations.numpy())
-    log.start_at(start)
+    # A resume with no steps left reports the log's last loss.
+    metrics = next((record for record in reversed(log.start_at(start)) if "loss" in record), {})
     batches = sharded_batches(train_data, batch_size=run.process_batch_size, num_shards=dist.input_shards,
                               shard_index=dist.coords["data"], seed=config.seed, skip_batches=start)
     progress = tqdm(total=config.steps, initial=start, disable=not dist.is_chief, desc="train")
     window_start, window_steps, window_counts = time.perf_counter(), 0, []
     first_window_done, steady = False, {"seconds": 0.0, "steps": 0, "count": 0.0}
-    metrics: dict[str, Any] = {}
     for index in range(start, config.steps):
         out = step(next(batches))
         window_steps += 1
@@ -118,9 +113,7 @@ def train(run, model, optimizer, step: Step, train_data: Sequence[np.ndarray], *
         state.save(ckpt_dir, config.steps)
     results = evaluate()
     throughput = _throughput(config.global_batch_size, steady)
-    # A resume with no steps left trained nothing: the log's last loss.
-    final_loss = metrics["loss"] if "loss" in metrics else log.last("loss")
-    summary = {"steps": config.steps, "world_size": dist.num_replicas, "final_loss": final_loss,
+    summary = {"steps": config.steps, "world_size": dist.num_replicas, "final_loss": metrics.get("loss"),
                "parameters_on_chief": sum(int(np.prod(v.shape)) for v in model.trainable_variables),
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "gradient_wire_bytes": step.wire_bytes, "gradient_float32_bytes": step.float32_bytes,

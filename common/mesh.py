@@ -1,14 +1,10 @@
 """Rank-grid math: which ranks form each data, tensor and pipeline group.
 
-`--plan` names degrees ("data=2,tensor=2,pipeline=2"); a `Mesh` lays the world's ranks out
-on a data x tensor x pipeline grid and tells any rank who its peers are along each axis. As
-in Megatron-LM, an order string decides the layout: its first axis varies fastest across
-consecutive ranks. Under the default "tp-pp-dp" a tensor group is a run of neighbouring ranks
-(one host, the fastest links, for the all-reduce of every layer) and data-parallel replicas
-lie furthest apart (one all-reduce per step).
-
-Pure Python and deterministic: every rank computes the same groups, and meets the same
-`ConfigError` for a plan that does not fit, before any collective runs.
+`--plan` names degrees ("data=2,tensor=2,pipeline=2"); a `Mesh` lays the ranks out on that
+grid. As in Megatron-LM, an order string's first axis varies fastest across consecutive ranks:
+under the default "tp-pp-dp" a tensor group is neighbouring ranks (one host, the fastest links,
+for every layer's all-reduce), data-parallel replicas lie furthest apart (one per step). Pure
+Python: every rank computes the same groups, or the same `ConfigError`, before any collective.
 """
 from __future__ import annotations
 
@@ -196,13 +192,11 @@ def _world_size_mismatch(plan: Plan, model_ranks: int, world_size: int) -> str:
             f"x {plan.pipeline}), got {world_size}: launch with -np {suggested} or change the degrees")
 
 
-def check_divisible(plan: Plan, mesh: Mesh, *, global_batch_size: int, layers: int,
-                    heads: int | None = None, ff_dim: int | None = None,
+def check_divisible(mesh: Mesh, *, layers: int, heads: int | None = None, ff_dim: int | None = None,
                     vocab_size: int | None = None) -> None:
-    """ConfigError when the batch or the model cannot be split as the plan asks. Run it on
-    every rank before any collective, so a bad split ends every rank at once, not mid-step."""
+    """ConfigError when the model cannot be split as the plan asks. Run it on every rank before
+    any collective, so a bad split ends every rank at once, not mid-step."""
     _check_stages_fit(mesh.pipeline, layers)
-    _check_batch_splits(global_batch_size, mesh.data, plan.microbatches)
     tensor_splits = {"attention heads": heads, "feed-forward width": ff_dim, "vocabulary size": vocab_size}
     for what, size in tensor_splits.items():
         if size is not None and size % mesh.tensor:
@@ -218,15 +212,18 @@ def _check_stages_fit(stages: int, layers: int) -> None:
                           f"{layers}: lower pipeline or deepen the model")
 
 
-def _check_batch_splits(global_batch_size: int, data: int, microbatches: int) -> None:
-    if global_batch_size % data:
-        raise ConfigError(f"--global_batch_size={global_batch_size} does not split over {data} "
-                          f"data-parallel ranks: use a multiple of {data}")
-    per_rank = global_batch_size // data
+def check_batch_splits(global_batch_size: int, replicas: int, accum_steps: int, microbatches: int) -> None:
+    """ConfigError unless the global batch splits evenly over the data-parallel replicas, each
+    replica's share over --accum_steps, and over the pipeline's micro-batches."""
+    if global_batch_size % (replicas * accum_steps):
+        steps = f" x {accum_steps} accumulation steps" if accum_steps > 1 else ""
+        raise ConfigError(f"--global_batch_size={global_batch_size} does not divide into {replicas} data-parallel "
+                          f"ranks{steps}: use a multiple of {replicas * accum_steps}")
+    per_rank = global_batch_size // replicas
     if per_rank % microbatches:
         raise ConfigError(f"--global_batch_size={global_batch_size} gives {per_rank} examples per "
                           f"data-parallel rank, which do not split into microbatches={microbatches}: "
-                          f"use a multiple of {data * microbatches}")
+                          f"use a multiple of {replicas * microbatches}")
 
 
 def split_layers(layer_costs: Sequence[float], stages: int) -> list[range]:

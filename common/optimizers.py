@@ -1,9 +1,6 @@
-"""Optimizers as the recipes use them: the learning-rate rule and schedule, and slot creation.
-
-The learning rate depends on the global batch only (`scaled_lr`), so changing the process count
-changes nothing. `build_slots` creates an optimizer's per-weight slots through Keras's public
-`add_variable_from_reference`, and so learns which slot belongs to which weight without reading
-Keras's private attributes or its naming of slots: a slot of a split weight is split like it.
+"""Optimizers as the recipes use them: the learning rate (a function of the global batch only,
+so the process count changes nothing), and `build_slots`, which learns which slot belongs to
+which weight through Keras's public `add_variable_from_reference`, not its private attributes.
 """
 from __future__ import annotations
 
@@ -21,7 +18,6 @@ def scaled_lr(lr: float, global_batch_size: int, reference_batch: int, rule: str
     return {"none": lr, "linear": lr * ratio, "sqrt": lr * math.sqrt(ratio)}[rule]
 
 
-@keras.saving.register_keras_serializable(package="recipes")
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warm-up to `peak`, then cosine decay to `peak * final_fraction` at `total_steps`."""
 
@@ -36,10 +32,6 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
         final = self.peak * self.final_fraction
         decayed = final + (self.peak - final) * 0.5 * (1.0 + tf.cos(math.pi * progress))
         return tf.where(step < self.warmup_steps, warm, decayed)
-
-    def get_config(self):
-        return {"peak": self.peak, "warmup_steps": self.warmup_steps,
-                "total_steps": self.total_steps, "final_fraction": self.final_fraction}
 
 
 def make_optimizer(config, name: str = "adam") -> keras.optimizers.Optimizer:

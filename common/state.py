@@ -1,14 +1,10 @@
 """Training state (model + optimizer variables) as full, unsharded tensors, whatever the plan.
 
-Checkpoints hold full tensors keyed by variable path, which no plan changes, so a checkpoint
-of a tensor- or pipeline-parallel run loads into a run with any other plan: saving gathers
-the shards (along each weight's split axis, in tensor-group order) and the stages to the
-chief; loading hands every process the full tensors and each keeps its own slice.
-
-State that differs between data-parallel replicas (a step's `replica_state`: what a codec has
-not yet sent, per-replica optimizer moments) is kept once per replica, under
-"per_replica/<replica>/". A run takes it back only with the same replicas and the same kinds
-of state; any other resume of such a checkpoint is one clear error, never a silent loss.
+Checkpoints hold full tensors keyed by variable path, so one written under any plan loads
+under any other: saving gathers the shards (along each weight's split axis) and the stages to
+the chief; loading hands every process the full tensors, and each keeps its own slice. A step's
+`replica_state` is kept once per replica, under "per_replica/<replica>/"; only a run with the
+same replicas and kinds of state takes it back, any other resume is one clear error.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from common.config import TrainConfig, check_flags, flag
+from common.config import TrainConfig, flag, parse_or_exit
 from common.data.images import DEFAULT_SOURCE_DIR
 from common.errors import ConfigError
 
@@ -57,7 +57,7 @@ class ClassifyConfig(TrainConfig):
 
 
 if __name__ == "__main__":
-    check_flags(ClassifyConfig)  # a bad flag fails here, in a moment, before TensorFlow loads
+    parse_or_exit(ClassifyConfig)  # a bad flag fails here, in a moment, before TensorFlow loads
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from common.config import TransformerConfig, check_flags, flag
+from common.config import TransformerConfig, flag, parse_or_exit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,33 +38,27 @@ class SummarizeConfig(TransformerConfig):
 
 
 if __name__ == "__main__":
-    check_flags(SummarizeConfig)  # a bad flag fails here, in a moment, before TensorFlow loads
+    parse_or_exit(SummarizeConfig)  # a bad flag fails here, in a moment, before TensorFlow loads
 
 import shutil  # noqa: E402
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from common import api  # noqa: E402
-from common.data.summarization import load_summarization  # noqa: E402
+from common.data.seq2seq import load_summarization  # noqa: E402
 from common.metrics import rouge  # noqa: E402
-from common.models.transformer import CausalLM, TransformerSize, greedy_decode, lm_loss_sums  # noqa: E402
+from common.models.transformer import CausalLM, TransformerSize, greedy_decode, token_loss  # noqa: E402
 from common.plans import pipeline  # noqa: E402
-from common.plans.tensor import vocab_parallel_argmax  # noqa: E402
 
 
 def evaluate(run, data, forward, count: int) -> dict:
     """ROUGE of greedy summaries of the first `count` held-out documents, decoded by all ranks
     together; `forward` is the plan's (`plans.pipeline.make_forward`)."""
-    tokenizer, group = data.tokenizer, run.dist.tensor
+    tokenizer = data.tokenizer
 
     def summarize(rows):
-        source = tf.constant(np.stack(rows))
-
-        def next_ids(tokens, t):  # the argmax over the vocabulary, split over the tensor group
-            return forward((source, tf.constant(tokens)), lambda logits: vocab_parallel_argmax(logits[:, t], group))
-        ids = greedy_decode(lambda tokens, t: next_ids(tokens, t).numpy(), len(rows), run.config.summary_len,
-                            tokenizer.bos_id, tokenizer.eos_id)
+        ids = greedy_decode(forward, run.dist.tensor, np.stack(rows), run.config.summary_len, tokenizer.bos_id,
+                            tokenizer.eos_id)
         return [tokenizer.decode(row) for row in ids]
 
     hypotheses, references = api.gathered_outputs(run.dist, summarize, data.test_src[:count]), data.test_tgt_text[:count]
@@ -86,7 +80,7 @@ def main():
         lm((data.train_src[:1], data.train_tgt[:1]))  # every rank draws every weight, as one process would
         model = pipeline.cut(lm, run.dist)  # pipeline=N: this rank's stage of consecutive blocks
         optimizer = api.make_optimizer(cfg)
-    step = api.make_step(run, model, optimizer, lm_loss_sums(run.dist.tensor))
+    step = api.make_step(run, model, optimizer, token_loss(run.dist.tensor))
     forward = pipeline.make_forward(run, model)
     count = min(cfg.max_test or len(data.test_src), len(data.test_src))
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from common.config import TransformerConfig, check_flags, flag
+from common.config import TransformerConfig, flag, parse_or_exit
 from common.data.freedict import DEFAULT_SOURCE
 
 
@@ -41,7 +41,7 @@ class TranslateConfig(TransformerConfig):
 
 
 if __name__ == "__main__":
-    check_flags(TranslateConfig)  # a bad flag fails here, in a moment, before TensorFlow loads
+    parse_or_exit(TranslateConfig)  # a bad flag fails here, in a moment, before TensorFlow loads
 
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -50,19 +50,24 @@ import numpy as np  # noqa: E402
 
 from common import api  # noqa: E402
 from common.data.subword import SubwordTokenizer  # noqa: E402
-from common.data.translation import load_translation  # noqa: E402
+from common.data.seq2seq import load_translation  # noqa: E402
 from common.dist import Group  # noqa: E402
 from common.metrics import bleu  # noqa: E402
-from common.models.transformer import GreedyDecoder, TransformerSize, build_transformer, loss_sums  # noqa: E402
+from common.models.transformer import TransformerSize, build_transformer, greedy_decode, token_loss  # noqa: E402
+from common.plans.pipeline import make_forward  # noqa: E402
 
 
-def evaluate(run, data, decoder: GreedyDecoder, count: int) -> dict:
+def evaluate(run, data, model, forward, count: int) -> dict:
     """BLEU of greedy translations of the first `count` held-out sentences, and the held-out
     loss and token accuracy with the reference as decoder input, scored by all ranks together."""
-    scores = api.held_out_metrics(run.dist, decoder.model, loss_sums, (data.test_src[:count], data.test_tgt[:count]))
-    hypotheses = api.gathered_outputs(run.dist, lambda rows: [data.tokenizer.decode(ids) for ids in decoder(np.stack(rows))],
-                                      data.test_src[:count])
-    references = data.test_tgt_text[:count]
+    tokenizer, cfg = data.tokenizer, run.config
+    scores = api.held_out_metrics(run.dist, model, token_loss(run.dist.tensor), (data.test_src[:count], data.test_tgt[:count]))
+
+    def translate(rows):
+        ids = greedy_decode(forward, run.dist.tensor, np.stack(rows), cfg.max_len, tokenizer.bos_id, tokenizer.eos_id)
+        return [tokenizer.decode(row) for row in ids]
+
+    hypotheses, references = api.gathered_outputs(run.dist, translate, data.test_src[:count]), data.test_tgt_text[:count]
     samples = [{"en": s, "reference": r, "translation": h}
                for s, r, h in zip(data.test_src_text, references, hypotheses)]
     return {**bleu(hypotheses, references), **scores, "test_sentences": count, "samples": samples[:10]}
@@ -88,12 +93,12 @@ def main():
     with run.model_scope():
         model = build_transformer(size, run.dist.tensor)  # tensor=N: every layer split over N ranks
         optimizer = api.make_optimizer(cfg)
-    step = api.make_step(run, model, optimizer, loss_sums)
-    decoder = GreedyDecoder(model, data.tokenizer.bos_id, data.tokenizer.eos_id)
+    step = api.make_step(run, model, optimizer, token_loss(run.dist.tensor))
+    forward = make_forward(run, model)  # inference through the same plan
     count = min(cfg.max_test or len(data.test_src), len(data.test_src))
 
     summary = api.train(run, model, optimizer, step, (data.train_src, data.train_tgt),
-                        evaluate=lambda: evaluate(run, data, decoder, count),
+                        evaluate=lambda: evaluate(run, data, model, forward, count),
                         export=lambda out_dir: shutil.copy(data.tokenizer.model_path, out_dir / "subword.model"))
     if run.dist.is_chief:
         print(f"BLEU = {summary['bleu']:.2f} on {summary['test_sentences']} held-out sentences "

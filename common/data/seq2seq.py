@@ -1,8 +1,6 @@
-"""Source->target text pairs of a prepared TFDS builder as padded id arrays.
-
-Shared by the translation and summarization loaders. Every process reads the
-splits in their stored order and encodes them with the same subword model, so the
-arrays are identical in every process of a job.
+"""Source->target text pairs of a prepared TFDS builder as padded id arrays: the translation
+and summarization data. Every process reads the splits in their stored order and encodes them
+with the same subword model, so the arrays are identical in every process of a job.
 """
 import dataclasses
 import os
@@ -11,8 +9,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from common.data import docstrings, freedict
 from common.data.subword import SubwordTokenizer
-from common.data.tfds_io import load_prepared, prepare_embedded
+from common.data.tfds_io import DataError, load_prepared, prepare_embedded
 
 # Truncated sources are cut to this many words for training the subword model: a
 # word gives at least one token, so it sees all that any usual source width keeps,
@@ -149,3 +148,39 @@ def load_seq2seq(builder, source_key: str, target_key: str, *, tokenizer_dir: st
                        test_tgt=_padded(test_target_ids, max_tgt_len + 1),
                        test_src_text=test_sources, test_tgt_text=test_targets,
                        tokenizer=tokenizer)
+
+
+def load_translation(*, data_dir: str, dataset: str | None, debug: bool, max_len: int, vocab_size: int,
+                     source_path: str = freedict.DEFAULT_SOURCE, max_test: int | None = None) -> Seq2SeqData:
+    """English->German pairs (train_src [n, max_len], train_tgt [n, max_len + 1]), preparing the
+    embedded data set if needed: the FreeDict dictionary (its `debug` config if `debug`) when
+    `dataset` is None, else a public TFDS translation set with `en` and `de` features, prepared
+    in `data_dir` (DataError otherwise). The subword vocabulary is learned from the train split;
+    training pairs with a side longer than `max_len` tokens with eos are dropped."""
+    if dataset is None:
+        freedict.check_source(source_path)
+    builder, tokenizer_dir = open_builder(data_dir, dataset, freedict.FreedictEngDeu, "debug" if debug else "sentences",
+                                          source_path=source_path)
+    return load_seq2seq(builder, "en", "de", tokenizer_dir=tokenizer_dir, max_src_len=max_len,
+                        max_tgt_len=max_len, vocab_size=vocab_size, max_test=max_test)
+
+
+def load_summarization(*, data_dir: str, dataset: str | None, debug: bool, max_src_len: int, max_tgt_len: int,
+                       vocab_size: int, max_test: int | None = None,
+                       stdlib_dir: str = docstrings.STDLIB_DIR) -> Seq2SeqData:
+    """Document->summary pairs, preparing the embedded data set if needed: Python functions of
+    the standard library in `stdlib_dir` -> their docstring summaries (the `debug` config if
+    `debug`) when `dataset` is None, else a public TFDS summarization set whose supervised keys
+    are (document, summary), e.g. cnn_dailymail, prepared in `data_dir` (DataError otherwise).
+    Documents are cut to `max_src_len` tokens with eos, keeping their start; training pairs
+    whose summary does not fit `max_tgt_len` tokens with eos are dropped."""
+    if dataset is None:
+        docstrings.check_source(stdlib_dir)
+    builder, tokenizer_dir = open_builder(data_dir, dataset, docstrings.PythonDocstrings,
+                                          "debug" if debug else "functions", stdlib_dir=stdlib_dir)
+    keys = builder.info.supervised_keys
+    if not (isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys)):
+        raise DataError(f"TFDS dataset {builder.name!r} has no (document, summary) supervised "
+                        "keys: pass a summarization data set such as cnn_dailymail to --dataset")
+    return load_seq2seq(builder, *keys, tokenizer_dir=tokenizer_dir, max_src_len=max_src_len,
+                        max_tgt_len=max_tgt_len, vocab_size=vocab_size, max_test=max_test, truncate_sources=True)

@@ -79,7 +79,8 @@ class Block(keras.layers.Layer):
 
 
 class Seq2SeqTransformer(keras.Model):
-    """Token ids in, vocabulary-split logits out; `loss_sums` and `GreedyDecoder` handle the split."""
+    """A (source, target) batch in; out, the logits of this rank's vocabulary range that predict
+    target[:, 1:], the target without its last token as decoder input."""
 
     def __init__(self, size: TransformerSize, group: Group, **kwargs):
         super().__init__(**kwargs)
@@ -93,29 +94,24 @@ class Seq2SeqTransformer(keras.Model):
         self.logits = ColumnParallelDense(size.vocab_size, group, name="logits")
         self.drop = keras.layers.Dropout(size.dropout)
 
-    def encode(self, source, training=False):
+    def call(self, batch, training=False):
+        source, target = batch
+        target_in = target[:, :-1]
         x, mask = embed(self, source, training), padding_mask(source, source)
         for block in self.encoder_blocks:
             x = block(x, mask, training=training)
-        return self.encoder_norm(x)
-
-    def decode(self, target_in, memory, source, training=False):
-        """Logits of this rank's vocabulary range, [batch, target length, vocab / group size]."""
+        memory = self.encoder_norm(x)
         y = embed(self, target_in, training)
         self_mask, cross_mask = padding_mask(target_in, target_in, causal=True), padding_mask(target_in, source)
         for block in self.decoder_blocks:
             y = block(y, self_mask, memory, cross_mask, training=training)
         return self.logits(self.decoder_norm(y))
 
-    def call(self, inputs, training=False):
-        source, target_in = inputs
-        return self.decode(target_in, self.encode(source, training), source, training)
-
 
 def build_transformer(size: TransformerSize, group: Group) -> Seq2SeqTransformer:
     model = Seq2SeqTransformer(size, group, name="transformer")
-    ids = tf.zeros((1, size.max_len), tf.int32)
-    model((ids, ids))  # create the weights now, in a fixed order: the same draws in every plan
+    # Create the weights now, in a fixed order: the same draws in every plan.
+    model((tf.zeros((1, size.max_len), tf.int32), tf.zeros((1, size.max_len + 1), tf.int32)))
     return model
 
 
@@ -127,44 +123,28 @@ def token_loss_sums(logits, labels, group: Group):
     return tf.reduce_sum(losses * weights), tf.reduce_sum(weights), {"token_accuracy": tf.reduce_sum(correct * weights)}
 
 
-def loss_sums(model: Seq2SeqTransformer, batch, training: bool):
-    """`token_loss_sums` of the target tokens, the reference as decoder input."""
-    source, target = batch
-    return token_loss_sums(model((source, target[:, :-1]), training=training), target[:, 1:], model.group)
+def token_loss(group: Group):
+    """The `loss_sums` of a Seq2SeqTransformer or a CausalLM (or its last pipeline stage) whose
+    vocabulary is split over `group`: `token_loss_sums` of target[:, 1:]."""
+    def loss_sums(model, batch, training):
+        return token_loss_sums(model(batch, training=training), batch[1][:, 1:], group)
+    return loss_sums
 
 
-def greedy_decode(next_ids, rows: int, length: int, bos: int, eos: int) -> list[list[int]]:
-    """Greedy decoding of `rows` sequences of up to `length` ids: `next_ids(tokens, t)` gives each
-    row's id after position t of `tokens` (int32 [rows, length + 1], bos first). It stops once
-    every row has an eos, and returns each row's ids without bos and eos."""
-    tokens = np.zeros((rows, length + 1), np.int32)
+def greedy_decode(forward, group: Group, source: np.ndarray, length: int, bos: int, eos: int) -> list[list[int]]:
+    """Greedy decoding of up to `length` ids after each source row, through `forward(batch, head)`
+    of the plan (`plans.pipeline.make_forward`) on (source, target) batches; every rank of a
+    tensor or pipeline group calls it alike (the argmax over the split vocabulary is a
+    collective). It stops once every row has an eos; returns each row's ids without bos and eos."""
+    tokens = np.zeros((len(source), length + 1), np.int32)
     tokens[:, 0] = bos
+    source = tf.constant(source)
     for t in range(length):
-        tokens[:, t + 1] = next_ids(tokens, t)
+        next_ids = forward((source, tf.constant(tokens)), lambda logits: vocab_parallel_argmax(logits[:, t], group))
+        tokens[:, t + 1] = next_ids.numpy()
         if (tokens[:, 1:t + 2] == eos).any(axis=1).all():
             break
     return [list(row[1:list(row).index(eos)]) if eos in row else list(row[1:]) for row in tokens]
-
-
-class GreedyDecoder:
-    """Greedy translation of id batches, the source encoded once. Every rank of a tensor group
-    must decode the same batch at the same time: the argmax over the split vocabulary is a collective."""
-
-    def __init__(self, model: Seq2SeqTransformer, bos: int, eos: int):
-        self.model, self.bos, self.eos = model, bos, eos
-        self._encode = tf.function(lambda source: model.encode(source))
-        self._next_ids = tf.function(self._next_ids_at)
-
-    def _next_ids_at(self, tokens, memory, source, t):
-        logits = self.model.decode(tokens, memory, source)
-        return vocab_parallel_argmax(tf.gather(logits, t, axis=1), self.model.group)
-
-    def __call__(self, source: np.ndarray) -> list[list[int]]:
-        """Output ids of each source row (at most as many as the source is wide), without bos and eos."""
-        memory, width = self._encode(tf.constant(source)), source.shape[1]
-        return greedy_decode(lambda tokens, t: self._next_ids(tf.constant(tokens[:, :width]), memory, tf.constant(source),
-                                                              tf.constant(t)).numpy(),
-                             len(source), width, self.bos, self.eos)
 
 
 # ------------------------------------------------------------------ decoder-only (prefix) LM
@@ -234,11 +214,3 @@ def lm_forward(part, batch, x, training):
     if part.last:
         x = part.logits(part.final_norm(x[:, part.source_len:]))
     return x
-
-
-def lm_loss_sums(group: Group):
-    """The `loss_sums` of a CausalLM, or of its last pipeline stage, whose vocabulary is split
-    over `group`: `token_loss_sums` of the summary tokens."""
-    def loss_sums(model, batch, training):
-        return token_loss_sums(model(batch, training=training), batch[1][:, 1:], group)
-    return loss_sums

@@ -1,11 +1,9 @@
 """Data parallelism: every replica holds the whole model and a share of the global batch.
 
 Gradients are averaged by *global* weight (examples or non-padding tokens): each replica
-differentiates the sum of its per-token losses, the counts are summed across replicas, and
-the gradients are divided by the global count and summed in one fused all-reduce. Padding
-therefore never skews the average, and a run on N replicas computes the same update as one
-process on the same global batch. Gradient accumulation keeps sums over micro-batches and
-divides once.
+differentiates the sum of its per-token losses, and the gradients are divided by the count
+summed over the replicas, then summed in one fused all-reduce. Padding never skews the
+average, and N replicas compute the update of one process on the same global batch.
 """
 from __future__ import annotations
 
@@ -15,23 +13,12 @@ import keras
 import tensorflow as tf
 
 from common.compression import float32_bytes, make_codec
-from common.errors import ConfigError
 from common.optimizers import build_slots
 from common.plans.tensor import split_axis
 from common.step import Step
 
 # loss_sums(model, batch, training) -> (sum of per-item losses, number of items, metric sums)
 LossSums = Callable[[Any, Any, bool], tuple[tf.Tensor, tf.Tensor, dict[str, tf.Tensor]]]
-
-
-def per_replica_batch_size(global_batch_size: int, num_replicas: int, accum_steps: int) -> int:
-    """Examples each replica feeds per micro-batch; the split must be exact."""
-    parts = num_replicas * accum_steps
-    if global_batch_size % parts:
-        raise ConfigError(
-            f"--global_batch_size={global_batch_size} does not divide into {num_replicas} "
-            f"data-parallel ranks x {accum_steps} accumulation steps: use a multiple of {parts}")
-    return global_batch_size // parts
 
 
 def split_micro_batches(batch, count: int) -> list:

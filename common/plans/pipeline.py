@@ -1,23 +1,20 @@
 """Pipeline parallelism: the model cut into stages, one per rank of a pipeline group.
 
-A global step splits each rank's batch into micro-batches. Stages pass activations forward
-and activation gradients backward with MPI point-to-point messages (sends are non-blocking,
-so the 1F1B order cannot deadlock on a send waiting for a receive that waits on it).
-Two schedules, as lists of ("F", i) / ("B", i) operations per stage:
+Each rank's batch is cut into micro-batches; stages pass activations forward and their
+gradients backward in MPI point-to-point messages (`Links`). Two schedules, as lists of
+("F", i) / ("B", i) operations per stage:
 - GPipe: every forward, then every backward: m micro-batches' activations live at once;
 - 1F1B: after p - s - 1 warm-up forwards, stage s alternates one forward and one backward,
   so at most p - s micro-batches are in flight (PipeDream-Flush).
-Both compute the same gradients: the sum over micro-batches, divided by the global token
-count, then summed over the stage's data-parallel group. With `recompute`, a stage keeps only
-its input and runs the forward again under the tape at backward time.
+Both sum the gradients over the micro-batches, divide by the global token count and sum over
+the stage's data group. With `recompute`, a stage keeps only its input, and runs the forward
+again under the tape at backward time.
 
-A model that pipeline plans can cut is a stack of blocks: it has `blocks` and builds a stage
-with `stage(blocks, first, last)`, a model of those consecutive blocks (plus the input layers
-on the first stage and the output layers on the last) that shares the model's layers. A stage
-is called as `stage(batch, incoming, training)`: `incoming` is the previous stage's output
-(None on the first), and `stage.activation_shape(rows)` is its shape. The last stage's output is
-what the recipe's `loss_sums` scores; the step factory takes the same arguments as the data
-plan's (`plans.data.make_train_step`).
+A model that `cut` can cut has `blocks` and builds a stage of consecutive ones (sharing its
+layers; the input layers on the first, the output layers on the last) with `stage(blocks,
+first, last)`, called as `stage(batch, incoming, training)` (`incoming`: the previous stage's
+output, of shape `stage.activation_shape(rows)`; None on the first). The recipe's `loss_sums`
+scores the last stage's output; the step factory takes the data plan's arguments.
 """
 from __future__ import annotations
 
@@ -61,8 +58,8 @@ def peak_in_flight(schedule: list[Op]) -> int:
 
 
 class Links:
-    """Point-to-point messages between stages, over mpi4py. Sends are non-blocking, so two
-    stages that send to each other before receiving cannot deadlock; `wait` completes them."""
+    """Point-to-point messages between stages, over mpi4py. Sends are non-blocking (so the 1F1B
+    order cannot deadlock on a send waiting for a receive that waits on it); `wait` ends them."""
 
     def __init__(self):
         self.pending: list = []

@@ -8,12 +8,10 @@ Two conjugate operators carry every split layer (Megatron-LM's f and g):
 Both are written with `tf.custom_gradient`, so Horovod's own registered gradient for its
 all-reduce (another all-reduce) is never used in their place.
 
-Layers here work at any group size; a group of one makes them plain layers. Every rank draws
-the *full* initial weight with the seeded initializer and keeps its slice, so a split model
-starts from exactly the weights of the one-process model. `SHARD_AXES` on a layer names the
-axis each weight is split along; the weight records it when it is created (`split_axis`), and
-so do the optimizer's slots and a codec's residuals of it, for gathering full tensors into
-checkpoints and for the clipping norm.
+A group of one makes these plain layers. Every rank draws the *full* initial weight with the
+seeded initializer and keeps its slice: a split model starts from the one-process weights.
+A weight records the axis it is split along (`SHARD_AXES`) when created, and so do its
+optimizer slots and residuals (`split_axis`): checkpoints and clipping read it.
 """
 from __future__ import annotations
 

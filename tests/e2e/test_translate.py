@@ -51,14 +51,15 @@ def test_one_process_run_writes_the_recipe_outputs(reference):
 
 def test_the_exported_model_reloads_and_translates_as_the_run_reported(reference, data_dir):
     # TensorFlow only now: collection stays fast.
-    from common.data.translation import load_translation
+    from common.data.seq2seq import load_translation
     from common.metrics import bleu
-    from common.models.transformer import GreedyDecoder
+    from common.models.transformer import greedy_decode
     from recipes.translate import load_trained
     model, tokenizer = load_trained(str(reference.out_dir))
     data = load_translation(data_dir=data_dir, dataset=None, debug=True, max_len=16, vocab_size=500)
-    decoder = GreedyDecoder(model, tokenizer.bos_id, tokenizer.eos_id)
-    hypotheses = [tokenizer.decode(ids) for ids in decoder(data.test_src[:64])]
+    decoded = greedy_decode(lambda batch, head: head(model(batch)), model.group, data.test_src[:64], 16,
+                            tokenizer.bos_id, tokenizer.eos_id)
+    hypotheses = [tokenizer.decode(ids) for ids in decoded]
     summary = reference.summary()
     assert hypotheses[:10] == [sample["translation"] for sample in summary["samples"]]
     assert bleu(hypotheses, data.test_tgt_text[:64])["bleu"] == pytest.approx(summary["bleu"], abs=1e-9)

@@ -9,7 +9,7 @@ import pytest
 from common.data import freedict
 from common.data.freedict import FreedictEngDeu, check_source
 from common.data.tfds_io import DataError, load_prepared, prepare_embedded
-from common.data.translation import load_translation
+from common.data.seq2seq import load_translation
 
 MAX_LEN = 24
 VOCAB = 1000

@@ -3,16 +3,8 @@ import numpy as np
 import pytest
 
 from common.data.pipeline import shard_rows, sharded_batches, unshard_rows
-from common.errors import ConfigError
 from common.optimizers import WarmupCosine, build_slots, scaled_lr
-from common.plans.data import per_replica_batch_size
 from tests.unit.one_process import ONE_PROCESS
-
-
-def test_batch_split_must_be_exact():
-    assert per_replica_batch_size(64, 2, 4) == 8
-    with pytest.raises(ConfigError, match="multiple of 4"):
-        per_replica_batch_size(30, 2, 2)
 
 
 def test_lr_scaling_depends_on_the_global_batch_only():

@@ -8,7 +8,7 @@ import tensorflow_datasets as tfds
 
 from common.data import docstrings
 from common.data.docstrings import PythonDocstrings, check_source
-from common.data.summarization import load_summarization
+from common.data.seq2seq import load_summarization
 from common.data.tfds_io import DataError, prepare_embedded
 from tests.unit.test_data import _assert_rows
 

@@ -4,7 +4,7 @@ import random
 import pytest
 
 from common.errors import ConfigError
-from common.mesh import (AXES, Mesh, Plan, build_mesh, check_divisible, parse_plan,
+from common.mesh import (AXES, Mesh, Plan, build_mesh, check_batch_splits, check_divisible, parse_plan,
                                split_layers)
 
 
@@ -184,10 +184,12 @@ def test_stage_neighbours_of_a_four_stage_pipeline():
 
 # --- check_divisible ----------------------------------------------------------------------
 
-def check(text, world_size, **sizes):
+def check(text, world_size, global_batch_size=64, accum_steps=1, **sizes):
     plan = parse_plan(text)
-    model = {"global_batch_size": 64, "layers": 4, "heads": 8, "ff_dim": 512, "vocab_size": 1000}
-    check_divisible(plan, build_mesh(plan, world_size), **{**model, **sizes})
+    model = {"layers": 4, "heads": 8, "ff_dim": 512, "vocab_size": 1000}
+    mesh = build_mesh(plan, world_size)
+    check_batch_splits(global_batch_size, mesh.data, accum_steps, plan.microbatches)
+    check_divisible(mesh, **{**model, **sizes})
 
 
 def test_check_divisible_accepts_a_fitting_plan():
@@ -198,7 +200,9 @@ def test_check_divisible_accepts_a_fitting_plan():
 @pytest.mark.parametrize("text, world_size, sizes, fix", [
     ("pipeline=8", 8, {}, "--plan: pipeline=8 needs at least 8 layers, the model has 4: lower pipeline"),
     ("data=4", 4, {"global_batch_size": 10},
-     "--global_batch_size=10 does not split over 4 data-parallel ranks: use a multiple of 4"),
+     "--global_batch_size=10 does not divide into 4 data-parallel ranks: use a multiple of 4"),
+    ("data=2", 2, {"global_batch_size": 30, "accum_steps": 2},
+     "--global_batch_size=30 does not divide into 2 data-parallel ranks x 2 accumulation steps: use a multiple of 4"),
     ("data=2,pipeline=2,microbatches=3", 4, {"global_batch_size": 8},
      "gives 4 examples per data-parallel rank, which do not split into microbatches=3: use a multiple of 6"),
     ("tensor=3", 3, {"heads": 8},
