@@ -52,9 +52,13 @@ def measure_independent(recipe: str, processes: int, args: list[str]) -> dict:
 
 
 def against_baseline(recipe: str, processes: int, args: list[str], baseline: Path, rounds: int) -> dict:
-    """This checkout's N-process throughput over the baseline's, alternating, `rounds` times."""
-    runs = [(measure(recipe, "horovodrun", processes, args),
-             measure(recipe, "horovodrun", processes, args, root=baseline)) for _ in range(rounds)]
+    """This checkout's N-process throughput over the baseline's, `rounds` times, which of the
+    two runs first alternating from round to round (a busy host's drift then hits both alike)."""
+    runs = []
+    for index in range(rounds):
+        roots = [REPO, baseline] if index % 2 == 0 else [baseline, REPO]
+        measured = {root: measure(recipe, "horovodrun", processes, args, root=root) for root in roots}
+        runs.append((measured[REPO], measured[baseline]))
     ratios = [this["examples_per_sec"] / before["examples_per_sec"] for this, before in runs]
     return {"baseline": str(baseline), "runs": runs, "ratios": ratios, "median_ratio": statistics.median(ratios)}
 
