@@ -25,13 +25,10 @@ from common.plans.data import accumulated_grads, global_means, make_clip, split_
 from common.state import variable_names
 from common.step import Step
 
-UNSENT_UPDATES = "unsent_updates"
-
-
 class UpdateTopK(TopKCodec):
     """Top-k with error feedback, summing updates (mean-sized changes of the weights)."""
 
-    state_kind = UNSENT_UPDATES
+    state_kind = "unsent_updates"
 
     def __init__(self, fraction: float):
         super().__init__(fraction)

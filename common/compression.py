@@ -23,7 +23,6 @@ from common.plans.tensor import mark_split, split_axis
 from common.state import variable_names
 
 Shape = Sequence[int]
-UNSENT_GRADIENTS = "unsent_gradients"
 
 
 def float32_bytes(shapes: Sequence[Shape]) -> int:
@@ -109,7 +108,7 @@ class ErrorFeedback(Codec):
     tensor next, so nothing is lost, only delayed. `state_kind` names the residuals in checkpoints."""
 
     needs_horovod = True
-    state_kind = UNSENT_GRADIENTS
+    state_kind = "unsent_gradients"
     residuals: list[tf.Variable] | None = None
 
     def build(self, variables, dist):

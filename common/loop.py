@@ -128,10 +128,7 @@ def train(run, model, optimizer, step: Step, train_data: Sequence[np.ndarray], *
     return summary
 
 
-# ------------------------------------------------------------ evaluation by all ranks together
-# Each data-parallel replica takes an interleaved share of the held-out rows, and the shares come
-# back together in the rows' order on every rank. The ranks of a tensor or pipeline group work on
-# the same share (their collectives need it), and only one of them counts.
+# ------------------ evaluation by all ranks: each data-parallel replica scores an interleaved share
 def gathered_outputs(dist, outputs_of: Callable[[list], list], rows: Sequence) -> list:
     """`outputs_of(share)` (one picklable output per row, such as a decoded text) over this
     replica's share of `rows`; every replica's outputs, in the order of `rows`, on every rank."""

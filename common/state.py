@@ -153,7 +153,8 @@ def _check_replica_state(arrays: dict[str, np.ndarray], names: set[str], replica
     if {_unprefixed(key) for key in saved} != names or saved_replicas != replicas:
         raise RecipeError(f"checkpoint {source} holds state of each of its {saved_replicas} data-parallel replicas "
                           f"({', '.join(kinds)}) that this run cannot take: resume with {saved_replicas} replicas and "
-                          f"the --compression its config.json names, or {checkpoint.FIX.format(source)}")
+                          f"the --compression its config.json names (unsent_updates: topk_updates:F, which runs before "
+                          f"2026-12 named topk:F), or {checkpoint.FIX.format(source)}")
 
 
 def _joined(shards: list[np.ndarray], axis: int | None) -> np.ndarray:
