@@ -1,4 +1,4 @@
-"""Top-k of each replica's optimizer *update* (`--compression=topk_updates:F`), data plans only.
+"""Top-k of each replica's optimizer *update* (`--compression=topk_updates:F`), data and tensor plans.
 
 Error feedback only delays what it holds back if what it compresses adds up linearly into the
 weights, and Adam's update does not: a coordinate sent once in T steps as one spike moves about
@@ -24,6 +24,7 @@ from common.optimizers import build_slots
 from common.plans.data import accumulated_grads, global_means, make_clip, split_micro_batches
 from common.state import variable_names
 from common.step import Step
+
 
 class UpdateTopK(TopKCodec):
     """Top-k with error feedback, summing updates (mean-sized changes of the weights)."""
