@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One idempotent setup for a fresh Debian/Ubuntu machine:
-#   1. Debian packages (Open MPI, the headers Horovod's build needs, the embedded data),
+#   1. Debian packages (Open MPI, the headers Horovod's build needs, the embedded data, and
+#      what the cluster tests start: Slurm with munge, sshd, iproute2 for network namespaces),
 #   2. a virtual environment in .venv with the project and its pinned dependencies,
 #   3. Horovod 0.28.1 built with MPI + Gloo (+ NCCL on GPU hosts) against the installed
 #      TensorFlow; the built wheel is cached keyed by the TF version, so a rerun takes seconds,
@@ -14,7 +15,8 @@ VENV=${VENV:-$ROOT/.venv}
 HOROVOD_VERSION=0.28.1
 WHEEL_CACHE=${HOROVOD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/recipes-horovod}
 APT_PACKAGES=(openmpi-bin libopenmpi-dev libhighwayhash-dev libfarmhash-dev
-              cmake g++ python3-venv python3-dev dict-freedict-eng-deu dataset-fashion-mnist)
+              cmake g++ python3-venv python3-dev dict-freedict-eng-deu dataset-fashion-mnist
+              slurm-wlm munge openssh-server openssh-client iproute2)
 
 log() { printf '[setup] %s\n' "$*"; }
 
