@@ -53,6 +53,9 @@ SSHD = "/usr/sbin/sshd"
 SSH = shutil.which("ssh") or "/usr/bin/ssh"
 LOCK = Path(tempfile.gettempdir()) / f"{PREFIX}.lock"
 STATE = "hosts.json"
+# ssh gives a silent peer up after 10 s x 3: later than a job's own stall detection with a
+# shorter timeout, sooner than TCP's retransmissions (minutes).
+KEEPALIVE = (10, 3)
 ETC_NETNS = Path("/etc/netns")  # `ip netns exec NAME` mounts ETC_NETNS/NAME/hosts over /etc/hosts
 
 
@@ -313,9 +316,9 @@ X11Forwarding no
 PermitTunnel no
 PrintMotd no
 MaxStartups 64
-# A client gone silent (its link cut) is dropped after 15 s.
-ClientAliveInterval 5
-ClientAliveCountMax 3
+# A client gone silent (its link cut) is dropped after {alive_interval} s x {alive_count}.
+ClientAliveInterval {alive_interval}
+ClientAliveCountMax {alive_count}
 LogLevel VERBOSE
 """
 
@@ -332,9 +335,10 @@ Host *
   BatchMode yes
   PasswordAuthentication no
   ConnectTimeout 10
-  # A server gone silent (its link cut) is given up after 15 s.
-  ServerAliveInterval 5
-  ServerAliveCountMax 3
+  # A server gone silent (its link cut) is given up after {alive_interval} s x {alive_count}: a
+  # launcher then ends instead of waiting out TCP's minutes on a dead link.
+  ServerAliveInterval {alive_interval}
+  ServerAliveCountMax {alive_count}
   LogLevel ERROR
 """
 
@@ -348,7 +352,7 @@ def _keygen(path: Path, comment: str) -> str:
     return " ".join(path.with_name(path.name + ".pub").read_text().split()[:2])
 
 
-def _write_ssh_files(directory: Path, hosts: Sequence[Host]) -> None:
+def _write_ssh_files(directory: Path, hosts: Sequence[Host], keepalive: tuple[int, int]) -> None:
     client_key = _keygen(directory / "id_ed25519", "virtual-hosts-client")
     (directory / "authorized_keys").write_text(client_key + "\n")
     known = []
@@ -356,8 +360,9 @@ def _write_ssh_files(directory: Path, hosts: Sequence[Host]) -> None:
         host_dir = _private_dir(directory / host.netns)
         known.append(f"{host.address} {_keygen(host_dir / 'ssh_host_ed25519_key', host.netns)}\n")
     (directory / "known_hosts").write_text("".join(known))
-    (directory / "sshd_config").write_text(SSHD_CONFIG.format(directory=directory))
-    (directory / "ssh_config").write_text(SSH_CONFIG.format(directory=directory))
+    alive = {"alive_interval": keepalive[0], "alive_count": keepalive[1]}
+    (directory / "sshd_config").write_text(SSHD_CONFIG.format(directory=directory, **alive))
+    (directory / "ssh_config").write_text(SSH_CONFIG.format(directory=directory, **alive))
     wrapper = _private_dir(directory / "bin") / "ssh"
     wrapper.write_text(f"#!/bin/sh\nexec {shlex.quote(SSH)} -F {shlex.quote(str(directory / 'ssh_config'))} \"$@\"\n")
     wrapper.chmod(0o700)
@@ -407,9 +412,11 @@ def _wait_for_ssh(hosts: VirtualHosts, timeout: float = 20.0) -> None:
                 time.sleep(0.2)
 
 
-def up(directory: Path | str, count: int = 2, subnet: str = SUBNET) -> VirtualHosts:
+def up(directory: Path | str, count: int = 2, subnet: str = SUBNET,
+       keepalive: tuple[int, int] = KEEPALIVE) -> VirtualHosts:
     """Make `count` hosts (after removing any left over), their links, keys and sshds; their
-    files go to `directory`. Undone by `down`, also halfway."""
+    files go to `directory`. ssh on both ends gives a silent peer up after `keepalive`
+    (seconds between probes, probes). Undone by `down`, also halfway."""
     if not 1 <= count <= 3:
         raise ValueError("1 to 3 hosts")
     reason = unavailable_reason()
@@ -441,7 +448,7 @@ def up(directory: Path | str, count: int = 2, subnet: str = SUBNET) -> VirtualHo
             _ip("-n", SWITCH, "link", "set", host.port, "master", BRIDGE, "up")
             _ip("-n", host.netns, "addr", "add", f"{host.address}/{network.prefixlen}", "dev", host.iface)
             _ip("-n", host.netns, "link", "set", host.iface, "up")
-        _write_ssh_files(directory, hosts.hosts)
+        _write_ssh_files(directory, hosts.hosts, keepalive)
         for host in hosts:
             _write_hosts_file(host, hosts.hosts)
         for host in hosts:
@@ -466,11 +473,12 @@ def down(directory: Path | str | None = None) -> list[str]:
 
 
 @contextlib.contextmanager
-def virtual_hosts(directory: Path | str, count: int = 2, subnet: str = SUBNET) -> Iterator[VirtualHosts]:
+def virtual_hosts(directory: Path | str, count: int = 2, subnet: str = SUBNET,
+                  keepalive: tuple[int, int] = KEEPALIVE) -> Iterator[VirtualHosts]:
     """`count` hosts for the duration of the block, removed on the way out whatever happened.
     Raises `Unavailable` where they cannot be made (tests skip on it)."""
     with _exclusive():
-        hosts = up(directory, count, subnet)
+        hosts = up(directory, count, subnet, keepalive)
         try:
             yield hosts
         finally:

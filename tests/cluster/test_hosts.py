@@ -1,0 +1,139 @@
+"""translate.py across two hosts that are network namespaces of this machine (scripts/netns_hosts.py:
+their own addresses, veth links to one bridge, their own sshd), launched from the first host
+as on a cluster: `horovodrun -H` (MPI and Gloo) and `mpirun --hostfile` train exactly like one
+process, over the link; a link cut mid-run ends the job, naming the lost rank and host."""
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from scripts import netns_hosts
+from scripts.launchers import BIN, REPO, Result, assert_same_training, launch_env, one_process_run
+
+pytestmark = pytest.mark.slow
+
+DETERMINISTIC = ["--debug", "--deterministic", "--steps=20", "--log_every=1", "--checkpoint_every=0",
+                 "--global_batch_size=16"]
+STALL_TIMEOUT = 20
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    reason = netns_hosts.unavailable_reason()
+    if reason:
+        pytest.skip(f"no virtual hosts here: {reason}")
+    with netns_hosts.virtual_hosts(tmp_path_factory.mktemp("hosts"), count=2) as made:
+        yield made
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The module's TFDS folder: the embedded data is built once, by the first run."""
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    return one_process_run("translate", DETERMINISTIC + [f"--data_dir={data_dir}"], tmp_path_factory.mktemp("single"))
+
+
+def launcher_argv(launcher, hosts, folder):
+    """The launcher's command line on host 1, up to the program, and its environment."""
+    if launcher == "mpirun":
+        hostfile = hosts.write_hostfile(folder / "hosts.mpirun")
+        # ssh options given to Open MPI directly: no wrapper on PATH.
+        return (["mpirun", "-np", "2", "--hostfile", str(hostfile), "--bind-to", "none", "--map-by", "slot",
+                 "-mca", "plm_rsh_args", f"-F {hosts.ssh_config}", "-mca", "pml", "ob1", "-mca", "btl", "^openib",
+                 "-mca", "btl_tcp_if_include", netns_hosts.IFACE, "-mca", "oob_tcp_if_include", netns_hosts.IFACE,
+                 "-x", "PATH", "-x", "PYTHONPATH", "-x", "TF_CPP_MIN_LOG_LEVEL"], launch_env())
+    # horovodrun calls `ssh` from PATH: the hosts' ssh (their config) comes first.
+    argv = [str(BIN / "horovodrun"), "-np", "2", "-H", hosts.horovodrun_hosts(), "--disable-cache"]
+    if launcher == "horovodrun-gloo":
+        argv += ["--gloo", "--network-interface", netns_hosts.IFACE]
+    return argv, hosts.env(launch_env())
+
+
+def translate_argv(out_dir, args):
+    return [sys.executable, str(REPO / "recipes/translate.py"), f"--out_dir={out_dir}", "--intra_op_threads=1", *args]
+
+
+def job_left(hosts, wait=0.0):
+    """What is left of jobs in any host's namespace, waiting up to `wait` s for it to go."""
+    deadline = time.monotonic() + wait
+    while (left := hosts.job_pids()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return {pid: command_of(pid) for pid in left}
+
+
+def command_of(pid):
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read().replace(b"\0", b" ").decode(errors="replace")[:120]
+    return "?"
+
+
+@pytest.mark.parametrize("launcher", ["horovodrun", "horovodrun-gloo", "mpirun"])
+def test_two_hosts_train_exactly_like_one_process_over_the_link(launcher, hosts, reference, data_dir, tmp_path):
+    argv, env = launcher_argv(launcher, hosts, tmp_path)
+    before = hosts[1].link_counters()
+    start = time.perf_counter()
+    done = hosts[0].run(argv + translate_argv(tmp_path, DETERMINISTIC + [f"--data_dir={data_dir}"]), cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=300)
+    result = Result(done.returncode, done.stdout + done.stderr, time.perf_counter() - start, tmp_path)
+    after = hosts[1].link_counters()
+    assert_same_training(result, reference)
+    assert result.summary()["world_size"] == 2
+    # The gradients crossed host 2's link both ways, every step: had both ranks run on host 1,
+    # host 2's link would have carried nothing.
+    crossed = 20 * result.summary()["gradient_wire_bytes"]
+    for way in ("rx_bytes", "tx_bytes"):
+        assert after[way] - before[way] > crossed, (way, before, after, crossed)
+    assert not job_left(hosts, wait=10)
+
+
+def test_a_cut_link_ends_the_job_naming_the_lost_host(hosts, data_dir, tmp_path):
+    """Host 2's cable pulled mid-run: rank 0's stall watchdog names rank 1 and host 2's address,
+    the launcher exits non-zero soon after the timeout, and nothing of the job stays behind."""
+    argv, env = launcher_argv("horovodrun", hosts, tmp_path)
+    args = ["--debug", "--steps=300", "--log_every=1", "--checkpoint_every=0", f"--stall_timeout={STALL_TIMEOUT}",
+            f"--data_dir={data_dir}"]
+    log_path = tmp_path / "launcher.log"
+    metrics = tmp_path / "metrics.jsonl"
+    with open(log_path, "w") as log:
+        job = hosts[0].popen(argv + translate_argv(tmp_path, args), cwd=REPO, env=env, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert job.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no steps logged in 180 s"
+            time.sleep(0.2)
+        cut_at = time.monotonic()
+        hosts[1].cut()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            job.wait(timeout=STALL_TIMEOUT + 60)
+        ended_after = time.monotonic() - cut_at
+        left = job_left(hosts, wait=30)
+        hosts[1].mend()
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+        stopped = hosts.stop_jobs()
+    output = log_path.read_text()
+    steps_logged = len(metrics.read_text().splitlines())
+    assert job.returncode not in (None, 0), f"launcher still running {ended_after:.0f} s after the cut"
+    print(f"launcher exit {job.returncode} {ended_after:.1f} s after the cut, {steps_logged} steps logged")
+    # The bound: the timeout, a heartbeat period to notice it, and the launcher's tear-down.
+    assert ended_after < STALL_TIMEOUT + 15, f"{ended_after:.1f} s"
+    stalls = [line for line in output.splitlines() if "sent no heartbeat" in line]
+    assert any("error: rank 1 on host" in line and f"({hosts[1].address})" in line for line in stalls), \
+        output[-3000:]
+    assert len({line.split("error: ", 1)[1] for line in stalls}) <= 1, stalls  # one line, from rank 0
+    assert not left, f"left running after the job ended: {left} (stopped {stopped})"
+    assert json.loads(metrics.read_text().splitlines()[-1])["step"] < 300
