@@ -2,8 +2,9 @@
 
 A checkpoint is one `.npz` of every model and optimizer variable (full, unsharded values keyed
 by variable path) plus `latest.json`, which names the newest file and its SHA-256. Each file is
-written under a temporary name and renamed into place, so a crash mid-write never leaves a torn
-checkpoint behind; the manifest is renamed last. A load checks the digest (`common.state` then checks names and
+written under a temporary name and renamed into place, so a process killed mid-write never
+leaves a torn checkpoint behind; the manifest is renamed last, and older files are deleted only
+after it names the new one. A load checks the digest (`common.state` then checks names and
 shapes); any mismatch is a `RecipeError` that says what to do, never a silent partial load.
 """
 from __future__ import annotations
@@ -17,7 +18,6 @@ import numpy as np
 from common.errors import RecipeError
 
 MANIFEST = "latest.json"
-KEEP = 3
 FIX = "delete {} to start fresh, or drop --resume"
 
 
@@ -38,15 +38,17 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save(directory: str | Path, step: int, arrays: dict[str, np.ndarray]) -> Path:
-    """Write step `step`'s full tensors; keep the newest KEEP files. Chief only."""
+def save(directory: str | Path, step: int, arrays: dict[str, np.ndarray], keep: int = 3) -> Path:
+    """Write step `step`'s full tensors and keep the newest `keep` checkpoints up to it (files
+    of later steps, from a run that resumed before them, are gone too). Chief only."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"ckpt-{step:08d}.npz"
     _atomic_write(path, lambda f: np.savez(f, **arrays))
     manifest = {"step": step, "file": path.name, "sha256": _sha256(path)}
     _atomic_write(directory / MANIFEST, lambda f: f.write(json.dumps(manifest).encode()))
-    for old in sorted(directory.glob("ckpt-*.npz"))[:-KEEP]:
+    kept = sorted(p for p in directory.glob("ckpt-*.npz") if p.name <= path.name)[-keep:]
+    for old in set(directory.glob("ckpt-*.npz")) - set(kept):
         old.unlink()
     return path
 

@@ -101,11 +101,11 @@ class TrainingState:
                                   f"{checkpoint.FIX.format(source)}")
             v.assign(value)
 
-    def save(self, directory: Path, step: int) -> None:
-        """A collective: every process calls it, the chief writes."""
+    def save(self, directory: Path, step: int, keep: int = 3) -> None:
+        """A collective: every process calls it, the chief writes (and keeps the newest `keep`)."""
         arrays = self.full_arrays()
         if self.dist.is_chief:
-            checkpoint.save(directory, step, arrays)
+            checkpoint.save(directory, step, arrays, keep)
 
     def restore_or_start(self, directory: Path, resume: bool) -> None:
         """Resume from the newest checkpoint if asked and one exists, else keep the fresh

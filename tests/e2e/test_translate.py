@@ -1,10 +1,17 @@
 """translate.py end to end, as real processes under python, horovodrun and mpirun (--debug)."""
+import json
+import os
 import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from scripts.launchers import assert_same_training, one_process_run, rewind_to, run_recipe
+from scripts.launchers import (assert_same_training, command, launch_env, one_process_run, rewind_to,
+                               run_recipe, REPO)
 
 pytestmark = pytest.mark.slow
 
@@ -85,6 +92,55 @@ def test_resume_continues_the_same_run(first_plan, resumed_plan, reference, data
     # the checkpoint (it holds full tensors): steps 11-20 match the uninterrupted run.
     assert [m["step"] for m in resumed.metrics()][:11] == list(range(1, 12))
     np.testing.assert_allclose(resumed.losses()[10:], reference.losses()[10:], rtol=1e-4)
+
+
+def writer_of(path, job, timeout=180):
+    """The pid of the process that opens `path` to write, once one does (while `job` runs)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and job.poll() is None:
+        for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+            if fd_dir.parent.name == str(os.getpid()):  # the test's own end of the pipe
+                continue
+            try:
+                if any(os.readlink(fd) == str(path) for fd in fd_dir.iterdir()):
+                    return int(fd_dir.parent.name)
+            except OSError:  # a process that ended meanwhile
+                continue
+        time.sleep(0.2)
+    raise AssertionError(f"nothing opened {path}: {job.poll()=}")
+
+
+def test_a_kill_during_a_checkpoint_write_resumes_from_the_one_before(reference, data_dir, tmp_path):
+    args = DETERMINISTIC + [f"--data_dir={data_dir}", "--checkpoint_every=5"]
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    # The step-15 checkpoint is written into a pipe: the chief blocks mid-write once the pipe
+    # is full, and is killed there, its file half written.
+    pipe = ckpt_dir / ".ckpt-00000015.npz.tmp"
+    os.mkfifo(pipe)
+    reader = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)
+    job = subprocess.Popen(command("horovodrun", 2) + [str(REPO / "recipes/translate.py"), *args,
+                                                        f"--out_dir={tmp_path}", "--intra_op_threads=1"],
+                           cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           stdin=subprocess.DEVNULL, text=True)
+    try:
+        chief = writer_of(pipe, job)
+        time.sleep(2)
+        written = os.read(reader, 4096)  # the write has begun, and blocks on the full pipe
+        os.kill(chief, signal.SIGKILL)
+        output = job.communicate(timeout=60)[0]
+    finally:
+        job.kill()
+        os.close(reader)
+    assert job.returncode != 0 and written, output[-3000:]
+    pipe.unlink()
+    pipe.write_bytes(written)  # what a killed writer leaves in a real file: its first bytes
+    assert json.loads((ckpt_dir / "latest.json").read_text())["step"] == 10
+    resumed = run_recipe("translate", args + ["--resume"], tmp_path, launcher="horovodrun")
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert [m["step"] for m in resumed.metrics()][:11] == list(range(1, 12))
+    np.testing.assert_allclose(resumed.losses(), reference.losses(), rtol=1e-4)
+    assert not list(ckpt_dir.glob(".*.tmp"))
 
 
 # ------------------------------------------------------------------------ bad input, 2 ranks

@@ -35,6 +35,26 @@ def test_keeps_the_newest_three_and_no_temporary_files(tmp_path):
         "ckpt-00000003.npz", "ckpt-00000004.npz", "ckpt-00000005.npz", "latest.json"]
 
 
+def test_keep_sets_how_many_stay_and_a_rewound_run_drops_the_later_ones(tmp_path):
+    for step in range(1, 6):
+        checkpoint.save(tmp_path, step, make_arrays(step), keep=2)
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-00000004.npz", "ckpt-00000005.npz"]
+    checkpoint.save(tmp_path, 3, make_arrays(3), keep=1)  # a run resumed from step 2 reached step 3
+    assert [p.name for p in tmp_path.glob("ckpt-*")] == ["ckpt-00000003.npz"]
+    assert checkpoint.load(tmp_path)[0] == 3
+
+
+def test_a_write_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path):
+    checkpoint.save(tmp_path, 1, make_arrays(1))
+    torn = tmp_path / ".ckpt-00000002.npz.tmp"
+    torn.write_bytes(b"PK\x03\x04 half a zip")  # what a process killed while writing step 2 leaves
+    step, arrays = checkpoint.load(tmp_path)
+    assert step == 1
+    np.testing.assert_array_equal(arrays["dense/kernel"], make_arrays(1)["dense/kernel"])
+    checkpoint.save(tmp_path, 2, make_arrays(2))
+    assert checkpoint.load(tmp_path)[0] == 2 and not list(tmp_path.glob(".*"))
+
+
 def test_no_checkpoint_means_no_step(tmp_path):
     assert checkpoint.latest_step(tmp_path) is None
 
