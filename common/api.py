@@ -73,7 +73,9 @@ def start(config_cls: type[config_lib.TrainConfig], recipe: str, argv=None,
         raise ConfigError("--compression=topk_updates runs on data and tensor plans: use topk:F on pipeline plans")
     dist = dist_lib.init(config.backend, plan, seed=config.seed, deterministic=config.deterministic,
                          intra_op_threads=config.intra_op_threads, mirrored_devices=config.mirrored_devices,
-                         grouped_allreduce=config.allreduce == "grouped")
+                         grouped_allreduce=config.allreduce == "grouped",
+                         # Elastic Horovod replaces a vanished worker: no watchdog ends the job there.
+                         stall_timeout=0 if getattr(config, "elastic", False) else config.stall_timeout)
     run = Run(config, dist, plan, Path(config.out_dir or f"runs/{recipe}"),
               config.data_dir or os.environ.get("TFDS_DATA_DIR") or str(Path.home() / "tensorflow_datasets"))
     check_batch_splits(config.global_batch_size, dist.num_replicas, config.accum_steps, plan.microbatches)

@@ -56,6 +56,8 @@ class TrainConfig:
     log_every: int = flag(10, "steps between metrics lines")
     checkpoint_every: int = flag(100, "steps between checkpoints; 0 = only at the end")
     eval_every: int = flag(0, "steps between evaluations; 0 = only at the end")
+    stall_timeout: int = flag(60, "seconds a rank may stay silent (frozen, cut off) or keep the others waiting in a "
+                              "collective before the job ends with an error naming it; 0 = never")
 
     DEBUG: ClassVar[dict[str, Any]] = {}
 
@@ -68,7 +70,8 @@ class TrainConfig:
             raise ConfigError(f"--clip_norm must be >= 0, got {self.clip_norm}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
-        for name in ("warmup_steps", "checkpoint_every", "eval_every", "intra_op_threads", "mirrored_devices"):
+        for name in ("warmup_steps", "checkpoint_every", "eval_every", "intra_op_threads", "mirrored_devices",
+                     "stall_timeout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
         parse_compression(self.compression)

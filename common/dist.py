@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from common import watchdog
 from common.errors import ConfigError, RecipeError
 from common.mesh import AXES, Mesh, Plan, build_mesh
 
@@ -189,7 +190,8 @@ def configure_threads(intra_op_threads: int) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(intra_op_threads)
 
 
-def _init_horovod(plan: Plan, grouped_allreduce: bool) -> Dist:
+def _init_horovod(plan: Plan, grouped_allreduce: bool, stall_timeout: int) -> Dist:
+    _set_stall_limits(stall_timeout)
     # Open MPI busy-polls while a rank waits in a collective, on a core the TensorFlow threads
     # need (README: Benchmarks). Set before MPI starts (hvd.init); a user's value wins.
     os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
@@ -210,7 +212,21 @@ def _init_horovod(plan: Plan, grouped_allreduce: bool) -> Dist:
         tf.config.experimental.set_memory_growth(gpu, True)
         tf.config.set_visible_devices(gpu, "GPU")
     groups = _process_sets(mesh, hvd.rank(), grouped_allreduce)
-    return Dist("horovod", hvd.rank(), hvd.size(), hvd.local_rank(), mesh, **groups)
+    dist = Dist("horovod", hvd.rank(), hvd.size(), hvd.local_rank(), mesh, **groups)
+    watchdog.start(dist.process_rank, dist.num_processes, dist.gather_objects, stall_timeout)
+    return dist
+
+
+def _set_stall_limits(stall_timeout: int) -> None:
+    """Before Horovod starts (a user's values win; `common.watchdog` says why): its stall
+    inspector ends the job when a live rank keeps the others waiting in a collective for
+    `stall_timeout` seconds (MPI controller), and Gloo's operation timeout waits longer than the
+    watchdog, whose message names the stalled rank."""
+    if stall_timeout <= 0:
+        return
+    os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(stall_timeout))
+    os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(stall_timeout))
+    os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(max(30, stall_timeout + 30)))
 
 
 def _process_sets(mesh: Mesh, rank: int, grouped_allreduce: bool) -> dict[str, Group]:
@@ -259,14 +275,16 @@ def _init_mirrored(plan: Plan, requested_devices: int) -> Dist:
 
 
 def init(backend: str, plan: Plan, *, seed: int, deterministic: bool, intra_op_threads: int = 0,
-         mirrored_devices: int = 0, grouped_allreduce: bool = True) -> Dist:
+         mirrored_devices: int = 0, grouped_allreduce: bool = True, stall_timeout: int = 0) -> Dist:
     """Start the backend and lay the processes out on the plan's mesh; call once on every
-    process, before any other TensorFlow work. `grouped_allreduce`: see `Group.sum`."""
+    process, before any other TensorFlow work. `grouped_allreduce`: see `Group.sum`;
+    `stall_timeout`: seconds after which a silent or stuck rank ends the job (`common.watchdog`;
+    0 = never)."""
     configure_threads(intra_op_threads)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
     dist = (_init_mirrored(plan, mirrored_devices) if backend == "mirrored"
-            else _init_horovod(plan, grouped_allreduce))
+            else _init_horovod(plan, grouped_allreduce, stall_timeout))
     # The same seed everywhere: equal data order on every rank (models reseed in Run.model_scope).
     import keras
     keras.utils.set_random_seed(seed)

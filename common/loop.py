@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from common import watchdog
 from common.data.pipeline import shard_rows, sharded_batches, unshard_rows
 from common.errors import RecipeError
 from common.state import TrainingState
@@ -89,6 +90,7 @@ def train(run, model, optimizer, step: Step, train_data: Sequence[np.ndarray], *
         window_steps += 1
         window_counts.append(out["count"])
         done = index + 1
+        watchdog.progress(done)  # what this rank's heartbeats report
         if done % config.log_every == 0 or done == config.steps:
             values = {k: float(v) for k, v in out.items() if k != "count"}
             seconds = time.perf_counter() - window_start

@@ -1,0 +1,308 @@
+"""No silent hang when a rank stalls: every process of a job hears from every other one, and a
+rank that goes quiet for longer than `--stall_timeout` ends the job with one line naming it.
+
+Why heartbeats, and why on their own thread and socket. A rank that is stopped (a frozen node,
+a stuck driver, a lost link) leaves the others waiting forever: in a collective, Horovod's
+coordinator itself waits for the frozen rank in the negotiation, so its stall inspector never
+runs and prints nothing; Open MPI neither notices nor times out; only Gloo's own operation
+timeout ends a Gloo job, with a traceback that does not say which rank froze. A rank that is
+killed is a different case: its launcher sees it die and stops the others at once. So what
+needs checking is liveness, not speed: each process runs a daemon thread that sends a small UDP
+datagram (the job's token, its rank and the last step it completed) to every peer every couple
+of seconds, and reads theirs. The thread runs whatever the main thread does (tracing, building
+data, decoding, writing a checkpoint, waiting in a collective), so a long step never trips it;
+a process that is stopped or cut off falls silent, and each survivor, after `--stall_timeout`
+seconds without a datagram from it, prints `error: rank N on host NAME (ADDRESS) sent no
+heartbeat ...` (ADDRESS: where its datagrams came from) and exits non-zero from the thread
+(`os._exit`: the main thread is stuck in a collective and cannot be unwound). The launcher
+then stops what is left. UDP because it needs no connection set-up, cannot block the sender,
+and a lost datagram only matters if every one in the timeout window is lost.
+
+Addresses are exchanged once, right after Horovod starts, through the host-side gather every
+rank takes part in (`common.dist` calls `start`). Traffic only ever goes to loopback or to a
+peer's own addresses: ranks on one host (the same host name and the same set of interface
+IPv4 addresses: network namespaces on one machine share a host name but not their addresses)
+talk over 127.0.0.1, ranks on different hosts send to every non-loopback IPv4 address the peer
+listed. Datagrams carrying another job's token are ignored.
+
+A process that ends normally says goodbye (a final "done" datagram, at interpreter exit), so
+peers finishing a little apart are never reported; a peer still evaluating keeps sending. If
+this process's own thread did not run for a while, that time is not counted against its peers.
+
+Horovod's stall inspector covers the other stall, a live rank that never joins a collective
+(its Horovod thread still answers, so it keeps sending heartbeats too): `common.dist` sets
+HOROVOD_STALL_CHECK_TIME_SECONDS and HOROVOD_STALL_SHUTDOWN_TIME_SECONDS to the timeout (a
+user's values win), which makes the coordinator name the missing ranks and shut Horovod down,
+ending the job; it works with Horovod's MPI controller, not under Gloo. It also means chief-only
+work that keeps the others waiting (writing a checkpoint of a large model) must fit in
+`--stall_timeout`. Gloo's own operation timeout is raised above the timeout (a user's value
+wins), so that this module's message, which names the rank, comes first.
+
+Elastic Horovod replaces vanished workers instead of ending the job: there the watchdog is not
+started; `stop()` and a new `start()` with the new peers are the hook to watch the new set.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+import secrets
+import select
+import signal
+import socket
+import struct
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+INTERVAL = 2.0  # seconds between heartbeats (shorter for timeouts under 5 intervals)
+# A completed step is sent at once unless a heartbeat left less than this long ago, per
+# destination: sending (microseconds per datagram) then costs the main thread about 1% of its time.
+PROMPT_PER_DESTINATION = 0.001
+LOOPBACK = "127.0.0.1"
+
+_DATAGRAM = struct.Struct("!4s8sIqB")  # magic, job token, sender's rank, its last step, kind
+_MAGIC = b"hvdw"
+BEAT, DONE = 0, 1
+
+
+# ----------------------------------------------------------------------------- pure logic
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """What a rank tells the others at start-up: where its heartbeats can reach it."""
+
+    rank: int
+    hostname: str
+    addresses: tuple[str, ...]  # its non-loopback interface IPv4 addresses
+    port: int
+    token: bytes
+
+    def as_dict(self) -> dict[str, Any]:  # plain values for the gather
+        return dataclasses.asdict(self)
+
+
+def same_host(a: Endpoint, b: Endpoint) -> bool:
+    """One host: the same host name and the same interface addresses (network namespaces on
+    one machine share a host name, not their addresses)."""
+    return a.hostname == b.hostname and set(a.addresses) == set(b.addresses)
+
+
+def destinations(me: Endpoint, peer: Endpoint) -> list[tuple[str, int]]:
+    """Where this rank sends `peer` its heartbeats: loopback on the same host (or if the peer
+    listed no other address), else each of the peer's own addresses."""
+    if same_host(me, peer) or not peer.addresses:
+        return [(LOOPBACK, peer.port)]
+    return [(address, peer.port) for address in peer.addresses]
+
+
+def encode(token: bytes, rank: int, step: int, kind: int = BEAT) -> bytes:
+    return _DATAGRAM.pack(_MAGIC, token, rank, step, kind)
+
+
+def decode(data: bytes, token: bytes, size: int) -> tuple[int, int, int] | None:
+    """(rank, step, kind) of a heartbeat of this job; None for anything else."""
+    if len(data) != _DATAGRAM.size:
+        return None
+    magic, sender_token, rank, step, kind = _DATAGRAM.unpack(data)
+    if magic != _MAGIC or sender_token != token or rank >= size or kind not in (BEAT, DONE):
+        return None
+    return rank, step, kind
+
+
+@dataclasses.dataclass
+class Peer:
+    endpoint: Endpoint
+    last_heard: float
+    step: int = 0
+    source: str | None = None  # the address its heartbeats came from
+    done: bool = False
+
+    @property
+    def address(self) -> str:
+        return self.source or (self.endpoint.addresses[0] if self.endpoint.addresses else LOOPBACK)
+
+
+class Silence:
+    """Who has been quiet for how long, on a clock the caller passes in (seconds)."""
+
+    def __init__(self, peers: Sequence[Endpoint], timeout: float, now: float):
+        self.timeout = timeout
+        self.peers = {p.rank: Peer(p, now) for p in peers}
+
+    def heard(self, rank: int, step: int, kind: int, source: str, now: float) -> None:
+        peer = self.peers.get(rank)
+        if peer is None:
+            return
+        peer.last_heard, peer.step, peer.source = now, step, source
+        peer.done = peer.done or kind == DONE
+
+    def unwatched(self, seconds: float) -> None:
+        """This process did not watch for `seconds` (its thread did not run): not the peers' silence."""
+        for peer in self.peers.values():
+            peer.last_heard += seconds
+
+    def silent(self, now: float) -> list[Peer]:
+        """The peers, not finished, that sent nothing for longer than the timeout."""
+        return [peer for rank, peer in sorted(self.peers.items())
+                if not peer.done and now - peer.last_heard > self.timeout]
+
+
+def message(silent: Sequence[Peer], now: float, own_step: int, timeout: float) -> str:
+    """The one line a survivor prints (without the `error: ` prefix)."""
+    seconds = int(max(now - peer.last_heard for peer in silent))
+    where = [f"rank {p.endpoint.rank} on host {p.endpoint.hostname} ({p.address})" for p in silent]
+    if len(silent) == 1:
+        who = f"{where[0]} sent no heartbeat for {seconds} s (its last step {silent[0].step}, this rank's {own_step})"
+        what = "it is"
+    else:
+        listed = ", ".join(f"{w}, last step {p.step}," for w, p in zip(where, silent))
+        who = f"{listed} sent no heartbeat for {seconds} s (this rank's step {own_step})"
+        what = "they are"
+    return f"{who}: {what} frozen or cut off; ending the job (--stall_timeout={timeout:g})"
+
+
+def interface_addresses() -> tuple[str, ...]:
+    """This host's IPv4 interface addresses, loopback left out."""
+    import psutil
+    found = {address.address for addresses in psutil.net_if_addrs().values() for address in addresses
+             if address.family == socket.AF_INET and not address.address.startswith("127.")}
+    return tuple(sorted(found))
+
+
+# ----------------------------------------------------------------------------- the thread
+class Watchdog:
+    """Heartbeats to and from the peers of one job, on a daemon thread."""
+
+    def __init__(self, sock: socket.socket, me: Endpoint, peers: Sequence[Endpoint], token: bytes,
+                 size: int, timeout: float, interval: float, clock: Callable[[], float] = time.monotonic,
+                 on_stall: Callable[[str], None] | None = None):
+        self.sock, self.me, self.token, self.size = sock, me, token, size
+        self.timeout, self.interval, self.clock = timeout, interval, clock
+        self.on_stall = on_stall or _end_job  # given the message; by default ends the process
+        self.targets = [address for peer in peers for address in destinations(me, peer)]
+        self.prompt = PROMPT_PER_DESTINATION * len(self.targets)
+        self.silence = Silence(peers, timeout, clock())
+        self.step = 0
+        self._sent_at = -float("inf")
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stall-watchdog", daemon=True)
+
+    def start(self) -> "Watchdog":
+        self._thread.start()
+        return self
+
+    def progress(self, step: int) -> None:
+        """Called by the main thread after each step: a heartbeat right away (at most one per
+        `prompt` seconds), so that the step a peer last heard is this rank's last one."""
+        self.step = step
+        now = self.clock()
+        if now - self._sent_at >= self.prompt and not self._stopped.is_set():
+            self._beat(now)
+
+    def _beat(self, now: float) -> None:
+        self._sent_at = now
+        self._send(BEAT)
+
+    def stop(self, goodbye: bool = True) -> None:
+        """End the thread; with `goodbye`, tell the peers this rank finished (not stalled)."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            try:  # wake the thread from its wait: an empty datagram to this rank's own socket
+                self.sock.sendto(b"", (LOOPBACK, self.me.port))
+            except OSError:
+                pass
+            self._thread.join(timeout=1)
+        if goodbye:
+            for _ in range(3):  # a lost datagram must not leave a finished rank looking stalled
+                self._send(DONE)
+        self.sock.close()
+
+    def _send(self, kind: int) -> None:
+        data = encode(self.token, self.me.rank, self.step, kind)
+        for address in self.targets:
+            try:
+                self.sock.sendto(data, address)
+            except OSError:  # an unreachable address of a peer that has others
+                pass
+
+    def _receive(self, wait: float) -> None:
+        """Wait up to `wait` seconds for datagrams, then read all that are queued."""
+        try:
+            ready, _, _ = select.select([self.sock], [], [], max(wait, 0.0))
+        except (OSError, ValueError):  # closed by stop()
+            return
+        while ready and not self._stopped.is_set():
+            try:
+                data, (source, _) = self.sock.recvfrom(64)
+            except OSError:  # nothing more queued (a non-blocking socket), or closed
+                return
+            heard = decode(data, self.token, self.size)
+            if heard and heard[0] != self.me.rank:
+                self.silence.heard(*heard, source, self.clock())
+
+    def _run(self) -> None:
+        last = self.clock()
+        while not self._stopped.is_set():
+            now = self.clock()
+            if now - last > 3 * self.interval:  # this thread did not run meanwhile
+                self.silence.unwatched(now - last - self.interval)
+            last = now
+            if now >= self._sent_at + self.interval:
+                self._beat(now)
+            self._receive(self._sent_at + self.interval - now)
+            silent = self.silence.silent(self.clock())
+            if silent and not self._stopped.is_set():
+                self.on_stall(message(silent, self.clock(), self.step, self.timeout))
+                return
+
+
+def _end_job(text: str) -> None:
+    """Print the line and end the process, from this thread, whatever the main thread holds:
+    the line goes straight to the file descriptor (no lock a stuck thread may hold), and an
+    alarm ends the process should even that block."""
+    signal.alarm(10)
+    try:
+        os.write(2, f"error: {text}\n".encode())
+    finally:
+        os._exit(1)
+
+
+# ----------------------------------------------------------------------------- the process's one
+_active: Watchdog | None = None
+
+
+def start(rank: int, size: int, gather: Callable[[Any], list], timeout: float) -> Watchdog | None:
+    """Start watching the job's other processes (call on every rank: `gather(obj)` must return
+    every rank's `obj` in rank order). Nothing to watch for one process or `timeout` 0."""
+    global _active
+    stop()
+    if size <= 1 or timeout <= 0:
+        return None
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", 0))  # peers send to 127.0.0.1 or to one of this host's addresses
+    sock.setblocking(False)
+    me = Endpoint(rank, socket.gethostname(), interface_addresses(), sock.getsockname()[1], secrets.token_bytes(8))
+    endpoints = [Endpoint(**parts) for parts in gather(me.as_dict())]
+    peers = [endpoint for endpoint in endpoints if endpoint.rank != rank]
+    _active = Watchdog(sock, me, peers, endpoints[0].token, size, timeout,
+                       interval=min(INTERVAL, timeout / 5)).start()
+    return _active
+
+
+def progress(step: int) -> None:
+    """The step this rank just completed (what its heartbeats report)."""
+    if _active is not None:
+        _active.progress(step)
+
+
+def stop(goodbye: bool = True) -> None:
+    """Stop this process's watchdog, if any (at exit; elastic: before watching a new set of peers)."""
+    global _active
+    if _active is not None:
+        _active.stop(goodbye)
+        _active = None
+
+
+atexit.register(stop)
