@@ -1,22 +1,24 @@
 """A real one-node Slurm cluster on this machine, from the distribution's packages (Debian's
 `slurm-wlm` and `munge`), for tests and for trying the batch scripts by hand.
 
-Everything lives under one folder: the munge key, socket and log, `slurm.conf`, the
-controller's state, the node's spool, the pid files and the logs. Clients and daemons read
-that `slurm.conf` through `SLURM_CONF` (and `-f`), talk over loopback on ports picked free at
-start, and munged listens on its own socket, so a system-wide Slurm or munge is neither used
-nor disturbed.
+Everything lives under one folder: the munge key and socket, `slurm.conf`, the controller's
+state, the node's spool, the pid files and the logs. Clients and daemons read that
+`slurm.conf` through `SLURM_CONF` (and `-f`), talk over loopback on ports picked free at
+start, and munged listens on its own socket with its own key, so a system-wide Slurm or munge
+is neither used nor disturbed.
 
     with local_cluster(tmp_dir) as cluster:
-        job = cluster.sbatch(["hostfiles/translate.sbatch", "--debug"], options=["--ntasks=2"])
+        job = cluster.sbatch(["hostfiles/translate.sbatch", "--debug"],
+                             options=["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"])
         info = cluster.wait_job(job, timeout=300)
 
     python scripts/slurm_cluster.py start DIR     # prints the SLURM_CONF to export
+    python scripts/slurm_cluster.py status DIR
     python scripts/slurm_cluster.py stop DIR
 
 `stop` cancels the cluster's jobs, stops the daemons by their pid files, waits for them to
-go, and then ends any process still carrying this cluster's `SLURM_CONF` (a job step that
-outlived its daemon). A daemon that cannot start raises `ClusterUnavailable` with the
+go, and then ends any job step or job process of this cluster still running (one that left
+its step's process tree). A daemon that cannot start raises `ClusterUnavailable` with the
 daemon's own error line; anything else that goes wrong raises an ordinary error.
 """
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Cluster:
     node: str
     cpus: int
     ports: dict[str, int] = field(default_factory=dict)
+    daemons: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)
 
     @property
     def conf(self) -> Path:
@@ -71,6 +74,33 @@ class Cluster:
                                f"{(done.stderr or done.stdout).strip()}")
         return done
 
+    def launch(self, name: str, args: list[str], *, ready, timeout: float) -> None:
+        """Start daemon `name` in the foreground as a child (its output in log/NAME.out) and
+        wait until `ready()`; a daemon that exits first raises ClusterUnavailable."""
+        with open(self.root / "log" / f"{name}.out", "ab") as out:
+            self.daemons[name] = process = subprocess.Popen(
+                args, env=self.env(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise ClusterUnavailable(f"{name} exited with code {process.returncode}: "
+                                         f"{_reason(self.root, name, 'no output')}")
+            if ready():
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"{name} not ready after {timeout:.0f} s: {_reason(self.root, name, 'no output')}")
+
+    def stop(self) -> None:
+        """Stop the cluster (see `stop`) and reap the daemons this process started."""
+        try:
+            stop(self.root)
+        finally:
+            for process in self.daemons.values():
+                if process.poll() is None:
+                    process.kill()
+                process.wait(timeout=30)
+
     # ------------------------------------------------------------------ the node
     def node_state(self) -> str:
         done = self.run(["sinfo", "-h", "-N", "-n", self.node, "-o", "%T"], check=False)
@@ -84,12 +114,11 @@ class Cluster:
             state = self.node_state()
             if state == "idle":
                 return
-            if state.startswith(("down", "drain")):
-                # A node that was down (the controller restarted before it) can come back.
-                self.run(["scontrol", "update", f"NodeName={self.node}", "State=RESUME"], check=False)
             time.sleep(0.5)
-        raise TimeoutError(f"node {self.node} is {state or 'unknown'} after {timeout:.0f} s, not idle; "
-                           f"{self.log_tail()}")
+        reason = self.run(["scontrol", "show", "node", self.node], check=False).stdout
+        reason = re.search(r"Reason=(.*)", reason)
+        raise TimeoutError(f"node {self.node} is {state or 'unknown'} after {timeout:.0f} s, not idle"
+                           f"{' (' + reason.group(1).strip() + ')' if reason else ''}; {self.log_tail()}")
 
     # ------------------------------------------------------------------ jobs
     def sbatch(self, args: list[str], *, options: list[str] = (), cwd: Path | str | None = None,
@@ -127,8 +156,8 @@ class Cluster:
         return [int(line) for line in done.stdout.split() if line.isdigit()] if done.returncode == 0 else []
 
     def job_processes(self, job_id: int) -> list[int]:
-        """The live processes of a job (its batch script, srun or mpirun, the ranks)."""
-        return processes_with(self.conf, SLURM_JOB_ID=str(job_id))
+        """The live processes of a job: its slurmstepd, batch script, srun or mpirun, the ranks."""
+        return job_processes(self.conf, job_id)
 
     def log_tail(self, lines: int = 5) -> str:
         parts = []
@@ -178,16 +207,6 @@ def _wait_gone(pids: list[int], timeout: float) -> list[int]:
     return [pid for pid in pids if _alive(pid)]
 
 
-def _error_line(log: Path, fallback: str) -> str:
-    """The daemon's own reason: the last error or fatal line of its log."""
-    try:
-        lines = log.read_text(errors="replace").splitlines()
-    except OSError:
-        lines = []
-    errors = [line for line in lines if re.search(r"\b(fatal|error)\b", line, re.IGNORECASE)]
-    return (errors or lines or [fallback])[-1].strip()
-
-
 def _node_hardware(cpus: int) -> str:
     """The node's topology as slurmd itself detects it (so the controller does not drain it
     for a mismatch), its CPU count the cores this process may use."""
@@ -200,23 +219,6 @@ def _node_hardware(cpus: int) -> str:
         keep = ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore", "RealMemory")
         return " ".join(f"{key}={fields[key]}" for key in keep if key in fields)
     return f"CPUs={cpus}"
-
-
-def processes_with(conf: Path, **variables: str) -> list[int]:
-    """Processes whose environment holds SLURM_CONF=`conf` (and each of `variables`): the
-    daemons' children and the jobs of that cluster (Slurm hands SLURM_CONF to every job)."""
-    needles = {f"SLURM_CONF={conf}".encode(), *(f"{k}={v}".encode() for k, v in variables.items())}
-    mine = {os.getpid(), os.getppid()}
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in mine:
-            continue
-        try:
-            if needles <= set((entry / "environ").read_bytes().split(b"\0")) and _alive(int(entry.name)):
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
 
 
 def slurm_conf(cluster: Cluster, *, munge_socket: Path, user: str) -> str:
@@ -275,10 +277,9 @@ def start(root: Path | str, *, timeout: float = 60) -> Cluster:
     if missing:
         raise ClusterUnavailable(f"not installed: {', '.join(missing)} (Debian packages slurm-wlm munge)")
     if os.geteuid() != 0:
-        raise ClusterUnavailable("slurmd must run as root to start jobs (running as "
-                                 f"{getpass.getuser()})")
-    if any(_alive(pid) for pid in map(_pid, _pid_files(root)) if pid):
-        raise RuntimeError(f"a cluster is already running in {root}: stop it first")
+        raise ClusterUnavailable(f"slurmd needs root to start jobs; running as {getpass.getuser()}")
+    if running(root):
+        raise RuntimeError(f"a cluster is already running in {root} ({', '.join(running(root))}): stop it first")
     munge_dir = root / "munge"
     munge_socket = munge_dir / "munge.socket.2"
     if len(str(munge_socket)) > SOCKET_PATH_MAX:
@@ -289,62 +290,98 @@ def start(root: Path | str, *, timeout: float = 60) -> Cluster:
         (root / sub).mkdir(parents=True, exist_ok=True)
     # Clients reach munged's socket through its folder; the key inside stays private (0600).
     munge_dir.chmod(0o755)
-    user = getpass.getuser()
     (root / "plugstack.conf").write_text("")
-    cluster.conf.write_text(slurm_conf(cluster, munge_socket=munge_socket, user=user))
-    env = cluster.env()
+    cluster.conf.write_text(slurm_conf(cluster, munge_socket=munge_socket, user=getpass.getuser()))
+    key = munge_dir / "munge.key"
     try:
-        key = munge_dir / "munge.key"
         if not key.exists():
-            _start_step(["mungekey", "--create", f"--keyfile={key}"], env, None)
-        _start_step(["munged", "--force", f"--key-file={key}", f"--socket={munge_socket}",
-                     f"--pid-file={root}/run/munged.pid", f"--log-file={root}/log/munged.log",
-                     f"--seed-file={munge_dir}/munged.seed"], env, root / "log" / "munged.log")
-        _wait_for(lambda: munge_socket.exists(), timeout, "munged", root / "log" / "munged.log")
-        _start_step(["slurmctld", "-f", str(cluster.conf)], env, root / "log" / "slurmctld.log")
-        _wait_for(lambda: cluster.run(["scontrol", "ping"], check=False).returncode == 0, timeout,
-                  "slurmctld", root / "log" / "slurmctld.log", root / "run" / "slurmctld.pid")
-        _start_step(["slurmd", "-f", str(cluster.conf), "-N", cluster.node], env, root / "log" / "slurmd.log")
-        _wait_for(lambda: cluster.node_state() == "idle", timeout, "slurmd", root / "log" / "slurmd.log",
-                  root / "run" / "slurmd.pid")
+            made = subprocess.run(["mungekey", "--create", f"--keyfile={key}"], capture_output=True, text=True,
+                                  timeout=60, stdin=subprocess.DEVNULL)
+            if made.returncode != 0:
+                raise ClusterUnavailable(f"mungekey failed: {(made.stderr or made.stdout).strip()}")
+        # In the foreground (-F, -D) each daemon is this process's child: an exit during the
+        # start is seen at once, with its reason, and the tests reap what they started.
+        cluster.launch("munged", ["munged", "--foreground", "--force", f"--key-file={key}",
+                                  f"--socket={munge_socket}", f"--pid-file={root}/run/munged.pid",
+                                  f"--log-file={root}/log/munged.log", f"--seed-file={munge_dir}/munged.seed"],
+                       ready=munge_socket.exists, timeout=timeout)
+        cluster.launch("slurmctld", ["slurmctld", "-D", "-f", str(cluster.conf)],
+                       ready=lambda: cluster.run(["scontrol", "ping"], check=False).returncode == 0,
+                       timeout=timeout)
+        cluster.launch("slurmd", ["slurmd", "-D", "-f", str(cluster.conf), "-N", cluster.node],
+                       ready=lambda: cluster.node_state() == "idle", timeout=timeout)
     except BaseException:
-        stop(root)
+        cluster.stop()
         raise
     return cluster
 
 
-def _start_step(args: list[str], env: dict[str, str], log: Path | None) -> None:
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
-    if done.returncode != 0:
-        said = (done.stderr or done.stdout).strip().splitlines()
-        reason = said[-1] if said else _error_line(log, f"exit code {done.returncode}") if log else ""
-        raise ClusterUnavailable(f"{args[0]} did not start: {reason}")
+def running(root: Path | str) -> list[str]:
+    """The daemons whose pid file under `root` names a live process."""
+    root = Path(root).resolve()
+    return [name for name in DAEMONS if (pid := _pid(root / "run" / f"{name}.pid")) and _alive(pid)]
 
 
-def _wait_for(ready, timeout: float, daemon: str, log: Path, pid_file: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ready():
-            return
-        pid = _pid(pid_file) if pid_file else None
-        if pid_file and time.monotonic() > deadline - timeout + 3 and not (pid and _alive(pid)):
-            raise ClusterUnavailable(f"{daemon} exited: {_error_line(log, 'no log')}")
-        time.sleep(0.3)
-    raise TimeoutError(f"{daemon} not ready after {timeout:.0f} s: {_error_line(log, 'no log')}")
+def _reason(root: Path, daemon: str, fallback: str) -> str:
+    """The daemon's own words: the last error or fatal line of its log or its output."""
+    lines = []
+    for path in (root / "log" / f"{daemon}.log", root / "log" / f"{daemon}.out"):
+        with contextlib.suppress(OSError):
+            lines += path.read_text(errors="replace").splitlines()
+    errors = [line for line in lines if re.search(r"\b(fatal|error)\b", line, re.IGNORECASE)]
+    return (errors or lines[-1:] or [fallback])[-1].strip()
 
 
-def _pid_files(root: Path) -> list[Path]:
-    return [root / "run" / f"{name}.pid" for name in reversed(DAEMONS)]
+def job_processes(conf: Path, job_id: int | None = None) -> list[int]:
+    """The live job steps (slurmstepd) and job processes of the cluster at `conf` (of one job,
+    or of all), found by their environment (Slurm hands SLURM_CONF to every job) however they
+    were reparented. Never this process nor its ancestors, even if they export that SLURM_CONF."""
+    spared, pid = set(), os.getpid()
+    while pid > 1:
+        spared.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    needle = f"SLURM_CONF={conf}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in spared:
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle not in environ:
+            continue
+        step = re.match(rb"slurmstepd: \[(\d+)[.\]]", cmdline)
+        ids = [int(v[13:]) for v in environ if v.startswith(b"SLURM_JOB_ID=") and v[13:].isdigit()]
+        job = int(step.group(1)) if step else ids[0] if ids else None
+        if job is not None and job_id in (None, job):
+            found.append(int(entry.name))
+    return [pid for pid in found if _alive(pid)]
+
+
+def _end(pids: list[int], timeout: float) -> list[int]:
+    """SIGTERM, then SIGKILL what is left after `timeout`; returns what outlived both."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10)):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        pids = _wait_gone(pids, wait)
+        if not pids:
+            break
+    return pids
 
 
 def stop(root: Path | str, *, timeout: float = 60) -> None:
-    """Cancel every job, stop slurmd, slurmctld and munged (by their pid files) and wait for
-    them to go; then end any process still holding this cluster's SLURM_CONF."""
+    """Cancel every job, stop slurmd, slurmctld and munged by their pid files and wait for
+    them to go; then end any job process of this cluster still running."""
     root = Path(root).resolve()
     conf = root / "slurm.conf"
     env = {**os.environ, "SLURM_CONF": str(conf)}
-    ctld = _pid(root / "run" / "slurmctld.pid")
-    if conf.exists() and ctld and _alive(ctld):
+    if "slurmctld" in running(root):
         with contextlib.suppress(subprocess.SubprocessError, OSError):
             subprocess.run(["scancel", f"--partition={PARTITION}"], env=env, capture_output=True,
                            timeout=30, stdin=subprocess.DEVNULL)
@@ -355,20 +392,13 @@ def stop(root: Path | str, *, timeout: float = 60) -> None:
                 if queue.returncode != 0 or not queue.stdout.strip():
                     break
                 time.sleep(0.5)
-    for pid_file in _pid_files(root):
-        pid = _pid(pid_file)
+    left = []
+    for name in reversed(DAEMONS):
+        pid = _pid(root / "run" / f"{name}.pid")
         if pid and _alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            for left in _wait_gone([pid], timeout / 3):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(left, signal.SIGKILL)
-            _wait_gone([pid], 5)
-    left = processes_with(conf)
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    if _wait_gone(left, 10):
+            left += _end([pid], timeout / 3)
+    left += _end(job_processes(conf), 5)
+    if left:
         raise RuntimeError(f"processes of the cluster in {root} outlived SIGKILL: {left}")
 
 
@@ -379,7 +409,7 @@ def local_cluster(root: Path | str, *, timeout: float = 60):
     try:
         yield cluster
     finally:
-        stop(root)
+        cluster.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -391,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "start":
         try:
             cluster = start(args.dir)
-        except ClusterUnavailable as error:
+        except (ClusterUnavailable, RuntimeError, TimeoutError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
         print(f"node {cluster.node} ({cluster.cpus} CPUs) idle; use it with:\n  export SLURM_CONF={conf}")
@@ -399,9 +429,9 @@ def main(argv: list[str] | None = None) -> int:
         stop(args.dir)
         print(f"stopped the cluster in {args.dir}")
     else:
-        running = [path.stem for path in _pid_files(args.dir.resolve()) if (pid := _pid(path)) and _alive(pid)]
-        print(f"running: {', '.join(running) or 'nothing'}")
-        return 0 if running else 1
+        alive = running(args.dir)
+        print(f"running: {', '.join(alive) or 'nothing'}")
+        return 0 if alive else 1
     return 0
 
 
