@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 DETERMINISTIC = ["--debug", "--deterministic", "--steps=20", "--log_every=1", "--checkpoint_every=0",
                  "--global_batch_size=16"]
 STALL_TIMEOUT = 20
+HOSTFILES = REPO / "hostfiles"
 
 
 @pytest.fixture(scope="module")
@@ -42,20 +43,33 @@ def reference(data_dir, tmp_path_factory):
     return one_process_run("translate", DETERMINISTIC + [f"--data_dir={data_dir}"], tmp_path_factory.mktemp("single"))
 
 
-def launcher_argv(launcher, hosts, folder):
-    """The launcher's command line on host 1, up to the program, and its environment."""
+def launcher_argv(launcher, hosts):
+    """The launcher's command line on host 1, up to the program, and its environment. Gloo and
+    mpirun read the example hostfiles, which name the hosts' default addresses."""
     if launcher == "mpirun":
-        hostfile = hosts.write_hostfile(folder / "hosts.mpirun")
         # ssh options given to Open MPI directly: no wrapper on PATH.
-        return (["mpirun", "-np", "2", "--hostfile", str(hostfile), "--bind-to", "none", "--map-by", "slot",
-                 "-mca", "plm_rsh_args", f"-F {hosts.ssh_config}", "-mca", "pml", "ob1", "-mca", "btl", "^openib",
-                 "-mca", "btl_tcp_if_include", netns_hosts.IFACE, "-mca", "oob_tcp_if_include", netns_hosts.IFACE,
+        return (["mpirun", "-np", "2", "--hostfile", str(HOSTFILES / "hosts.netns.mpirun"), "--bind-to", "none",
+                 "--map-by", "slot", "-mca", "plm_rsh_args", f"-F {hosts.ssh_config}", "-mca", "pml", "ob1",
+                 "-mca", "btl", "^openib", "-mca", "btl_tcp_if_include", netns_hosts.IFACE,
+                 "-mca", "oob_tcp_if_include", netns_hosts.IFACE,
                  "-x", "PATH", "-x", "PYTHONPATH", "-x", "TF_CPP_MIN_LOG_LEVEL"], launch_env())
     # horovodrun calls `ssh` from PATH: the hosts' ssh (their config) comes first.
-    argv = [str(BIN / "horovodrun"), "-np", "2", "-H", hosts.horovodrun_hosts(), "--disable-cache"]
+    argv = [str(BIN / "horovodrun"), "-np", "2", "--disable-cache"]
     if launcher == "horovodrun-gloo":
-        argv += ["--gloo", "--network-interface", netns_hosts.IFACE]
+        argv += ["--hostfile", str(HOSTFILES / "hosts.netns.horovodrun"), "--gloo",
+                 "--network-interface", netns_hosts.IFACE]
+    else:
+        argv += ["-H", hosts.horovodrun_hosts()]
     return argv, hosts.env(launch_env())
+
+
+def hostfile_addresses(name):
+    lines = (HOSTFILES / name).read_text().splitlines()
+    return [line.split()[0] for line in lines if line.strip() and not line.startswith("#")]
+
+
+def test_the_example_hostfiles_name_the_hosts(hosts):
+    assert hostfile_addresses("hosts.netns.horovodrun") == hostfile_addresses("hosts.netns.mpirun") == hosts.addresses
 
 
 def translate_argv(out_dir, args):
@@ -79,7 +93,7 @@ def command_of(pid):
 
 @pytest.mark.parametrize("launcher", ["horovodrun", "horovodrun-gloo", "mpirun"])
 def test_two_hosts_train_exactly_like_one_process_over_the_link(launcher, hosts, reference, data_dir, tmp_path):
-    argv, env = launcher_argv(launcher, hosts, tmp_path)
+    argv, env = launcher_argv(launcher, hosts)
     before = hosts[1].link_counters()
     start = time.perf_counter()
     done = hosts[0].run(argv + translate_argv(tmp_path, DETERMINISTIC + [f"--data_dir={data_dir}"]), cwd=REPO,
@@ -99,7 +113,7 @@ def test_two_hosts_train_exactly_like_one_process_over_the_link(launcher, hosts,
 def test_a_cut_link_ends_the_job_naming_the_lost_host(hosts, data_dir, tmp_path):
     """Host 2's cable pulled mid-run: rank 0's stall watchdog names rank 1 and host 2's address,
     the launcher exits non-zero soon after the timeout, and nothing of the job stays behind."""
-    argv, env = launcher_argv("horovodrun", hosts, tmp_path)
+    argv, env = launcher_argv("horovodrun", hosts)
     args = ["--debug", "--steps=300", "--log_every=1", "--checkpoint_every=0", f"--stall_timeout={STALL_TIMEOUT}",
             f"--data_dir={data_dir}"]
     log_path = tmp_path / "launcher.log"
