@@ -176,11 +176,18 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _pid(path: Path) -> int | None:
+def _daemon_pid(root: Path, name: str) -> int | None:
+    """The live process that root/run/NAME.pid names, if it is that daemon started for `root`
+    (a stale pid file may name a pid since reused by another program, even another munged)."""
     try:
-        return int(path.read_text().split()[0])
+        pid = int((root / "run" / f"{name}.pid").read_text().split()[0])
+        proc = Path(f"/proc/{pid}")
+        if ((proc / "comm").read_text().strip() == name and str(root).encode() in (proc / "cmdline").read_bytes()
+                and _alive(pid)):
+            return pid
     except (OSError, ValueError, IndexError):
-        return None
+        pass
+    return None
 
 
 def _alive(pid: int) -> bool:
@@ -319,7 +326,7 @@ def start(root: Path | str, *, timeout: float = 60) -> Cluster:
 def running(root: Path | str) -> list[str]:
     """The daemons whose pid file under `root` names a live process."""
     root = Path(root).resolve()
-    return [name for name in DAEMONS if (pid := _pid(root / "run" / f"{name}.pid")) and _alive(pid)]
+    return [name for name in DAEMONS if _daemon_pid(root, name)]
 
 
 def _reason(root: Path, daemon: str, fallback: str) -> str:
@@ -394,8 +401,8 @@ def stop(root: Path | str, *, timeout: float = 60) -> None:
                 time.sleep(0.5)
     left = []
     for name in reversed(DAEMONS):
-        pid = _pid(root / "run" / f"{name}.pid")
-        if pid and _alive(pid):
+        pid = _daemon_pid(root, name)
+        if pid:
             left += _end([pid], timeout / 3)
     left += _end(job_processes(conf), 5)
     if left:
