@@ -31,9 +31,10 @@ __all__ = ["Run", "Step", "TrainConfig", "flag", "gathered_outputs", "guarded", 
            "load_saved", "load_weights", "make_optimizer", "make_step", "start", "train"]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Run:
-    """A started run: its flags, this process's place in the job, the plan and the folders."""
+    """A started run: its flags, this process's place in the job, the plan and the folders.
+    `dist` is replaced when an elastic job's workers change (`train` does it)."""
 
     config: config_lib.TrainConfig
     dist: dist_lib.Dist
@@ -71,11 +72,12 @@ def start(config_cls: type[config_lib.TrainConfig], recipe: str, argv=None,
     check_plan_axes(plan, recipe, axes)
     if plan.pipeline > 1 and config_lib.parse_compression(config.compression)[0] == "topk_updates":
         raise ConfigError("--compression=topk_updates runs on data and tensor plans: use topk:F on pipeline plans")
+    check_elastic(config, plan)
     dist = dist_lib.init(config.backend, plan, seed=config.seed, deterministic=config.deterministic,
                          intra_op_threads=config.intra_op_threads, mirrored_devices=config.mirrored_devices,
                          grouped_allreduce=config.allreduce == "grouped",
                          # Elastic Horovod replaces a vanished worker: no watchdog ends the job there.
-                         stall_timeout=0 if getattr(config, "elastic", False) else config.stall_timeout)
+                         stall_timeout=0 if config.elastic else config.stall_timeout)
     run = Run(config, dist, plan, Path(config.out_dir or f"runs/{recipe}"),
               config.data_dir or os.environ.get("TFDS_DATA_DIR") or str(Path.home() / "tensorflow_datasets"))
     check_batch_splits(config.global_batch_size, dist.num_replicas, config.accum_steps, plan.microbatches)
@@ -91,6 +93,21 @@ def check_plan_axes(plan: Plan, recipe: str, axes: tuple[str, ...]) -> None:
         if degree > 1 and axis not in axes:
             raise ConfigError(f"--plan: {recipe}.py does not implement {axis} parallelism ({axis}={degree}): "
                               f"drop it from --plan (this recipe splits along {', '.join(axes)})")
+
+
+def check_elastic(config: config_lib.TrainConfig, plan: Plan) -> None:
+    """ConfigError unless --elastic and the launcher agree, and an elastic run's plan and
+    compression hold nothing that a change of the worker count would break."""
+    if config.elastic != dist_lib.launched_elastic():
+        raise ConfigError("--elastic runs under horovodrun's elastic mode (--min-np/--max-np or "
+                          "--host-discovery-script), and that mode needs --elastic: pass both or neither")
+    if not config.elastic:
+        return
+    if config.backend != "horovod" or (plan.tensor, plan.pipeline) != (1, 1):
+        raise ConfigError("--elastic runs data plans on Horovod: drop tensor and pipeline from --plan")
+    if config_lib.parse_compression(config.compression)[0] not in ("none", "fp16", "bf16"):
+        raise ConfigError("--elastic keeps no per-replica state across a change of workers: use "
+                          "--compression=none, fp16 or bf16")
 
 
 def guarded(main: Callable[[], None]) -> Callable[[], None]:

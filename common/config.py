@@ -55,7 +55,11 @@ class TrainConfig:
     debug: bool = flag(False, "tiny model and data, for tests")
     log_every: int = flag(10, "steps between metrics lines")
     checkpoint_every: int = flag(100, "steps between checkpoints; 0 = only at the end")
+    keep: int = flag(3, "checkpoints kept in --out_dir/checkpoints (the newest); older ones are deleted")
     eval_every: int = flag(0, "steps between evaluations; 0 = only at the end")
+    elastic: bool = flag(False, "Horovod Elastic (horovodrun --min-np/--max-np or --host-discovery-script): "
+                         "workers may leave and join; data plans only")
+    commit_every: int = flag(10, "elastic: steps between in-memory commits, the point a reset goes back to")
     stall_timeout: int = flag(60, "seconds a rank may stay silent (frozen, cut off) or keep the others waiting in a "
                               "collective before the job ends with an error naming it; 0 = never")
 
@@ -63,7 +67,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Checks that need no knowledge of the world size; recipes may extend it."""
-        for name in ("steps", "global_batch_size", "lr_reference_batch", "accum_steps", "log_every"):
+        for name in ("steps", "global_batch_size", "lr_reference_batch", "accum_steps", "log_every", "keep",
+                     "commit_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
         if self.clip_norm < 0:

@@ -30,6 +30,7 @@ class Group:
     index: int
     process_set: Any = None
     grouped: bool = True  # sum() as one grouped all-reduce, or one all-reduce per tensor
+    elastic: bool = False  # the world of an elastic job: its size changes while a traced step lives on
 
     @property
     def size(self) -> int:
@@ -41,7 +42,7 @@ class Group:
         issued as soon as its tensor is ready. Horovod matches collectives across processes by
         name, by default the input's name in the graph: members that trace different graphs
         (pipeline stages) must pass the same `name`."""
-        if self.size == 1:
+        if self.size == 1 and not self.elastic:
             return list(tensors)
         import horovod.tensorflow as hvd
         if not self.grouped:
@@ -200,7 +201,11 @@ def _init_horovod(plan: Plan, grouped_allreduce: bool, stall_timeout: int) -> Di
     except ImportError as error:
         raise RecipeError(f"Horovod is not installed ({error}): run scripts/setup.sh, "
                           "or pass --backend=mirrored") from None
-    hvd.init(process_sets="dynamic")
+    elastic = launched_elastic()
+    if elastic:
+        hvd.init()  # Horovod Elastic keeps the global process set only
+    else:
+        hvd.init(process_sets="dynamic")
     mesh = build_mesh(plan, hvd.size())
     if mesh.pipeline > 1 and not hvd.mpi_enabled():
         raise ConfigError("pipeline plans send activations over MPI: launch with mpirun or "
@@ -211,8 +216,7 @@ def _init_horovod(plan: Plan, grouped_allreduce: bool, stall_timeout: int) -> Di
         gpu = gpus[hvd.local_rank() % len(gpus)]
         tf.config.experimental.set_memory_growth(gpu, True)
         tf.config.set_visible_devices(gpu, "GPU")
-    groups = _process_sets(mesh, hvd.rank(), grouped_allreduce)
-    dist = Dist("horovod", hvd.rank(), hvd.size(), hvd.local_rank(), mesh, **groups)
+    dist = _horovod_dist(mesh, grouped_allreduce, elastic)
     watchdog.start(dist.process_rank, dist.num_processes, dist.gather_objects, stall_timeout)
     return dist
 
@@ -229,7 +233,13 @@ def _set_stall_limits(stall_timeout: int) -> None:
     os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(max(30, stall_timeout + 30)))
 
 
-def _process_sets(mesh: Mesh, rank: int, grouped_allreduce: bool) -> dict[str, Group]:
+def _horovod_dist(mesh: Mesh, grouped_allreduce: bool, elastic: bool) -> Dist:
+    import horovod.tensorflow as hvd
+    groups = _process_sets(mesh, hvd.rank(), grouped_allreduce, elastic)
+    return Dist("horovod", hvd.rank(), hvd.size(), hvd.local_rank(), mesh, **groups)
+
+
+def _process_sets(mesh: Mesh, rank: int, grouped_allreduce: bool, elastic: bool = False) -> dict[str, Group]:
     """This rank's group along each axis: one process set per group, created in the same
     order on every rank (Horovod requires it)."""
     import horovod.tensorflow as hvd
@@ -243,8 +253,14 @@ def _process_sets(mesh: Mesh, rank: int, grouped_allreduce: bool) -> dict[str, G
             else:
                 process_set = None
             if rank in ranks:
-                groups[axis] = Group(ranks, ranks.index(rank), process_set, grouped_allreduce)
+                groups[axis] = Group(ranks, ranks.index(rank), process_set, grouped_allreduce,
+                                     elastic and len(ranks) == mesh.world_size)
     return groups
+
+
+def launched_elastic() -> bool:
+    """Started by horovodrun in elastic mode (--min-np/--max-np, --host-discovery-script)."""
+    return os.environ.get("HOROVOD_ELASTIC") == "1"
 
 
 def _launched_by_mpi() -> bool:
@@ -289,3 +305,55 @@ def init(backend: str, plan: Plan, *, seed: int, deterministic: bool, intra_op_t
     import keras
     keras.utils.set_random_seed(seed)
     return dist
+
+
+# ------------------------------------------------------------------ Horovod Elastic (Gloo)
+def run_elastic(body: Callable[[Callable[[], None]], Any], variables: Sequence[Any],
+                on_reset: Callable[[Dist], None], dist: Dist) -> Any:
+    """`body(commit)` under Horovod Elastic. `commit()` copies `variables` to host memory and
+    asks the driver whether hosts came or went. When a worker is lost mid-step, the collective
+    fails on every survivor: each takes back the last commit, Horovod forms a new ring, and
+    `on_reset(new_dist)` runs; when hosts were added or removed (seen at a commit), the reset
+    starts from that commit. Then rank 0 gives every worker (a new one too) its variables and
+    `body` runs again from the restored step.
+
+    The state is built here on the variables themselves: Horovod's Keras state fails on Keras 3
+    variables, and its TensorFlow state broadcasts in eager mode only when it is built, so a
+    worker that joins later would start from its own initial weights."""
+    import horovod.tensorflow as hvd
+    from horovod.common.elastic import ObjectState, run_fn
+    from horovod.common.exceptions import HorovodInternalError
+
+    class CommittedVariables(ObjectState):
+        def __init__(self):
+            super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank)
+            self.save()
+
+        def save(self):
+            self.values = [np.array(v) for v in variables]
+
+        def restore(self):
+            for v, value in zip(variables, self.values):
+                v.assign(value)
+
+        def sync(self):
+            world = Group(tuple(range(hvd.size())), hvd.rank(), hvd.global_process_set, elastic=True)
+            world.broadcast_variables(variables)
+            self.save()
+
+    def body_failing_as_horovod(state):
+        try:
+            return body(state.commit)
+        except tf.errors.OpError as error:  # a collective that lost a peer
+            if "horovod" not in str(error).lower():
+                raise
+            raise HorovodInternalError(error) from error
+
+    def reset():
+        hvd.shutdown()
+        hvd.init()
+
+    state = CommittedVariables()
+    state.register_reset_callbacks([lambda: on_reset(_horovod_dist(build_mesh(Plan(), hvd.size()),
+                                                                   dist.data.grouped, True))])
+    return run_fn(body_failing_as_horovod, reset)(state)

@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 from common import watchdog
 from common.data.pipeline import shard_rows, sharded_batches, unshard_rows
+from common.dist import run_elastic
 from common.errors import RecipeError
+from common.mesh import check_batch_splits
 from common.state import TrainingState
 from common.step import Step
 
@@ -63,6 +65,17 @@ class ChiefLog:
             (self.out_dir / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+@dataclasses.dataclass
+class Totals:
+    """What the loop carries across its windows (and an elastic job's resets): the last
+    metrics line and the steady-state time, steps and count (windows after the first)."""
+
+    metrics: dict[str, Any]
+    seconds: float = 0.0
+    steps: int = 0
+    count: float = 0.0
+
+
 def train(run, model, optimizer, step: Step, train_data: Sequence[np.ndarray], *,
           evaluate: Callable[[], dict[str, Any]], export: Callable[[Path], None] = lambda out_dir: None
           ) -> dict[str, Any]:
@@ -70,52 +83,36 @@ def train(run, model, optimizer, step: Step, train_data: Sequence[np.ndarray], *
     process; each data-parallel process reads its interleaved shard of one shuffled stream);
     returns the summary written to summary.json. `evaluate()` runs on every process at the end
     (and every --eval_every steps) and returns the task's metrics; `export(out_dir)` writes what
-    the chief saves beside model.npz (a tokenizer, class names)."""
-    config, dist, out_dir = run.config, run.dist, run.out_dir
-    log = ChiefLog(out_dir, dist.is_chief)
-    log.write_json("config.json", {**config.to_dict(), "world_size": dist.num_replicas})
+    the chief saves beside model.npz (a tokenizer, class names). Under --elastic the steps run
+    in Horovod Elastic (`common.dist.run_elastic`), committed every --commit_every steps."""
+    config, out_dir = run.config, run.out_dir
+    ChiefLog(out_dir, run.dist.is_chief).write_json("config.json", {**config.to_dict(),
+                                                                    "world_size": run.dist.num_replicas})
     ckpt_dir = out_dir / "checkpoints"
-    state = TrainingState(dist, model, optimizer, step.replica_state)
-    state.restore_or_start(ckpt_dir, config.resume)
+    state = TrainingState(run.dist, model, optimizer, step.replica_state)
+    if config.elastic:
+        state.restore_alone(ckpt_dir, config.resume)
+    else:
+        state.restore_or_start(ckpt_dir, config.resume)
     start = int(optimizer.iterations.numpy())
     # A resume with no steps left reports the log's last loss.
-    metrics = next((record for record in reversed(log.start_at(start)) if "loss" in record), {})
-    batches = sharded_batches(train_data, batch_size=run.process_batch_size, num_shards=dist.input_shards,
-                              shard_index=dist.coords["data"], seed=config.seed, skip_batches=start)
-    progress = tqdm(total=config.steps, initial=start, disable=not dist.is_chief, desc="train")
-    window_start, window_steps, window_counts = time.perf_counter(), 0, []
-    first_window_done, steady = False, {"seconds": 0.0, "steps": 0, "count": 0.0}
-    for index in range(start, config.steps):
-        out = step(next(batches))
-        window_steps += 1
-        window_counts.append(out["count"])
-        done = index + 1
-        watchdog.progress(done)  # what this rank's heartbeats report
-        if done % config.log_every == 0 or done == config.steps:
-            values = {k: float(v) for k, v in out.items() if k != "count"}
-            seconds = time.perf_counter() - window_start
-            count = float(tf.add_n(window_counts))
-            metrics = {"step": done, **values, "lr": float(optimizer.learning_rate),
-                       "examples_per_sec": config.global_batch_size * window_steps / seconds,
-                       "tokens_per_sec": count / seconds, "world_size": dist.num_replicas}
-            log.write(metrics)
-            progress.set_postfix(loss=f"{values['loss']:.4f}")
-            if first_window_done:  # the first window pays for tracing and is left out
-                steady = {"seconds": steady["seconds"] + seconds, "steps": steady["steps"] + window_steps,
-                          "count": steady["count"] + count}
-            first_window_done = True
-            window_start, window_steps, window_counts = time.perf_counter(), 0, []
-        if config.checkpoint_every and done % config.checkpoint_every == 0 and done != config.steps:
-            state.save(ckpt_dir, done)
-        if config.eval_every and done % config.eval_every == 0 and done != config.steps:
-            log.write({"step": done, **evaluate()})
-        progress.update(1)
-    progress.close()
+    kept = ChiefLog(out_dir, run.dist.is_chief).start_at(start)
+    totals = Totals(next((record for record in reversed(kept) if "loss" in record), {}))
+
+    def steps_to_end(commit=None):
+        _train_steps(run, optimizer, step, state, train_data, evaluate, totals, commit)
+
+    if config.elastic:
+        run_elastic(steps_to_end, state.variables, lambda dist: _rejoin(run, state, dist), run.dist)
+    else:
+        steps_to_end()
+    dist = run.dist
+    log = ChiefLog(out_dir, dist.is_chief)
     if start < config.steps:
-        state.save(ckpt_dir, config.steps)
+        state.save(ckpt_dir, config.steps, config.keep)
     results = evaluate()
-    throughput = _throughput(config.global_batch_size, steady)
-    summary = {"steps": config.steps, "world_size": dist.num_replicas, "final_loss": metrics.get("loss"),
+    throughput = _throughput(config.global_batch_size, totals)
+    summary = {"steps": config.steps, "world_size": dist.num_replicas, "final_loss": totals.metrics.get("loss"),
                "parameters_on_chief": sum(int(np.prod(v.shape)) for v in model.trainable_variables),
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "gradient_wire_bytes": step.wire_bytes, "gradient_float32_bytes": step.float32_bytes,
@@ -128,6 +125,54 @@ def train(run, model, optimizer, step: Step, train_data: Sequence[np.ndarray], *
         export(out_dir)
     dist.barrier()
     return summary
+
+
+def _train_steps(run, optimizer, step: Step, state: TrainingState, train_data, evaluate, totals: Totals,
+                 commit: Callable[[], None] | None) -> None:
+    """From the optimizer's step to --steps: log, checkpoint, evaluate, and commit when elastic."""
+    config, dist = run.config, run.dist
+    log = ChiefLog(run.out_dir, dist.is_chief)
+    start = int(optimizer.iterations.numpy())
+    log.start_at(start)  # an elastic reset goes back to the last commit
+    batches = sharded_batches(train_data, batch_size=run.process_batch_size, num_shards=dist.input_shards,
+                              shard_index=dist.coords["data"], seed=config.seed, skip_batches=start)
+    progress = tqdm(total=config.steps, initial=start, disable=not dist.is_chief, desc="train")
+    window_start, window_steps, window_counts = time.perf_counter(), 0, []
+    first_window_done = False  # the first window pays for tracing (or a reset) and is left out
+    for index in range(start, config.steps):
+        out = step(next(batches))
+        window_steps += 1
+        window_counts.append(out["count"])
+        done = index + 1
+        watchdog.progress(done)  # what this rank's heartbeats report
+        if done % config.log_every == 0 or done == config.steps:
+            values = {k: float(v) for k, v in out.items() if k != "count"}
+            seconds = time.perf_counter() - window_start
+            count = float(tf.add_n(window_counts))
+            totals.metrics = {"step": done, **values, "lr": float(optimizer.learning_rate),
+                              "examples_per_sec": config.global_batch_size * window_steps / seconds,
+                              "tokens_per_sec": count / seconds, "world_size": dist.num_replicas}
+            log.write(totals.metrics)
+            progress.set_postfix(loss=f"{values['loss']:.4f}")
+            if first_window_done:
+                totals.seconds, totals.steps, totals.count = (totals.seconds + seconds, totals.steps + window_steps,
+                                                              totals.count + count)
+            first_window_done = True
+            window_start, window_steps, window_counts = time.perf_counter(), 0, []
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done != config.steps:
+            state.save(run.out_dir / "checkpoints", done, config.keep)
+        if config.eval_every and done % config.eval_every == 0 and done != config.steps:
+            log.write({"step": done, **evaluate()})
+        if commit and done % config.commit_every == 0 and done != config.steps:
+            commit()
+        progress.update(1)
+    progress.close()
+
+
+def _rejoin(run, state: TrainingState, dist) -> None:
+    """After an elastic reset: the new ring's ranks; the global batch stays, split anew."""
+    check_batch_splits(run.config.global_batch_size, dist.num_replicas, run.config.accum_steps, 1)
+    run.dist = state.dist = dist
 
 
 # ------------------ evaluation by all ranks: each data-parallel replica scores an interleaved share
@@ -156,9 +201,9 @@ def held_out_metrics(dist, model, loss_sums, arrays, batch_size: int = 500) -> d
     return {f"test_{key}": value / summed["count"] for key, value in summed.items() if key != "count"}
 
 
-def _throughput(global_batch_size: int, steady: dict[str, float]) -> dict[str, float]:
+def _throughput(global_batch_size: int, totals: Totals) -> dict[str, float]:
     """Steady-state throughput over all windows but the first (which includes tracing)."""
-    if not steady["steps"]:
+    if not totals.steps:
         return {}
-    return {"steady_examples_per_sec": global_batch_size * steady["steps"] / steady["seconds"],
-            "steady_tokens_per_sec": steady["count"] / steady["seconds"]}
+    return {"steady_examples_per_sec": global_batch_size * totals.steps / totals.seconds,
+            "steady_tokens_per_sec": totals.count / totals.seconds}

@@ -107,6 +107,13 @@ class TrainingState:
         if self.dist.is_chief:
             checkpoint.save(directory, step, arrays, keep)
 
+    def restore_alone(self, directory: Path, resume: bool) -> None:
+        """Resume from the newest checkpoint if asked and one exists, read by this process
+        alone: an elastic job's worker that joins late must not wait in a collective the
+        others never enter (they give it their variables as it joins). Data plans only."""
+        if resume and checkpoint.latest_step(directory) is not None:
+            self.assign(checkpoint.load(directory)[1], directory)
+
     def restore_or_start(self, directory: Path, resume: bool) -> None:
         """Resume from the newest checkpoint if asked and one exists, else keep the fresh
         weights; either way every data-parallel replica ends with the same shared state."""
