@@ -161,8 +161,9 @@ def corrupted_checkpoint(reference, tmp_path):
     ([corrupted_checkpoint], "is corrupt"),
     (["--plan=tensor=3"], "needs a multiple of 3 processes"),
     (["--plan=tensor=2", "--heads=3", "--d_model=48"], "--plan: tensor=2 does not divide the attention heads (3)"),
+    (["--elastic"], "--elastic runs under horovodrun's elastic mode"),
 ], ids=["unknown-flag", "batch-not-divisible", "missing-package", "unprepared-tfds", "corrupt-checkpoint",
-        "plan-does-not-fit", "heads-do-not-split"])
+        "plan-does-not-fit", "heads-do-not-split", "elastic-without-elastic-launch"])
 def test_bad_input_fails_fast_on_every_rank(args, message, reference, data_dir, tmp_path):
     empty = tmp_path / "empty_tfds"
     empty.mkdir()
