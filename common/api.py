@@ -75,9 +75,7 @@ def start(config_cls: type[config_lib.TrainConfig], recipe: str, argv=None,
     check_elastic(config, plan)
     dist = dist_lib.init(config.backend, plan, seed=config.seed, deterministic=config.deterministic,
                          intra_op_threads=config.intra_op_threads, mirrored_devices=config.mirrored_devices,
-                         grouped_allreduce=config.allreduce == "grouped",
-                         # Elastic Horovod replaces a vanished worker: no watchdog ends the job there.
-                         stall_timeout=0 if config.elastic else config.stall_timeout)
+                         grouped_allreduce=config.allreduce == "grouped", stall_timeout=config.stall_timeout)
     run = Run(config, dist, plan, Path(config.out_dir or f"runs/{recipe}"),
               config.data_dir or os.environ.get("TFDS_DATA_DIR") or str(Path.home() / "tensorflow_datasets"))
     check_batch_splits(config.global_batch_size, dist.num_replicas, config.accum_steps, plan.microbatches)

@@ -225,12 +225,15 @@ def _set_stall_limits(stall_timeout: int) -> None:
     """Before Horovod starts (a user's values win; `common.watchdog` says why): its stall
     inspector ends the job when a live rank keeps the others waiting in a collective for
     `stall_timeout` seconds (MPI controller), and Gloo's operation timeout waits longer than the
-    watchdog, whose message names the stalled rank."""
+    watchdog, whose message names the stalled rank. Not under elastic Horovod: there Gloo's
+    timeout (30 s by default) is what ends the collectives of the survivors of a lost worker, so
+    that they reset; it must stay below the watchdog's."""
     if stall_timeout <= 0:
         return
     os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(stall_timeout))
     os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(stall_timeout))
-    os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(max(30, stall_timeout + 30)))
+    if not launched_elastic():
+        os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(max(30, stall_timeout + 30)))
 
 
 def _horovod_dist(mesh: Mesh, grouped_allreduce: bool, elastic: bool) -> Dist:
@@ -309,13 +312,15 @@ def init(backend: str, plan: Plan, *, seed: int, deterministic: bool, intra_op_t
 
 # ------------------------------------------------------------------ Horovod Elastic (Gloo)
 def run_elastic(body: Callable[[Callable[[], None]], Any], variables: Sequence[Any],
-                on_reset: Callable[[Dist], None], dist: Dist) -> Any:
+                on_reset: Callable[[Dist], None], dist: Dist, stall_timeout: int) -> Any:
     """`body(commit)` under Horovod Elastic. `commit()` copies `variables` to host memory and
     asks the driver whether hosts came or went. When a worker is lost mid-step, the collective
     fails on every survivor: each takes back the last commit, Horovod forms a new ring, and
     `on_reset(new_dist)` runs; when hosts were added or removed (seen at a commit), the reset
     starts from that commit. Then rank 0 gives every worker (a new one too) its variables and
-    `body` runs again from the restored step.
+    `body` runs again from the restored step. The stall watchdog stops at a reset and watches
+    the new ring after it; a worker that freezes (rather than dies) still ends the job, as
+    Horovod Elastic would wait for it.
 
     The state is built here on the variables themselves: Horovod's Keras state fails on Keras 3
     variables, and its TensorFlow state broadcasts in eager mode only when it is built, so a
@@ -350,10 +355,16 @@ def run_elastic(body: Callable[[Callable[[], None]], Any], variables: Sequence[A
             raise HorovodInternalError(error) from error
 
     def reset():
+        watchdog.stop()  # before the ring re-forms, which may take longer than the timeout
         hvd.shutdown()
         hvd.init()
 
+    def rejoin():
+        new_dist = _horovod_dist(build_mesh(Plan(), hvd.size()), dist.data.grouped, True)
+        # A collective: a worker that joins takes part in it as it starts (`init`).
+        watchdog.start(new_dist.process_rank, new_dist.num_processes, new_dist.gather_objects, stall_timeout)
+        on_reset(new_dist)
+
     state = CommittedVariables()
-    state.register_reset_callbacks([lambda: on_reset(_horovod_dist(build_mesh(Plan(), hvd.size()),
-                                                                   dist.data.grouped, True))])
+    state.register_reset_callbacks([rejoin])
     return run_fn(body_failing_as_horovod, reset)(state)

@@ -103,7 +103,8 @@ def train(run, model, optimizer, step: Step, train_data: Sequence[np.ndarray], *
         _train_steps(run, optimizer, step, state, train_data, evaluate, totals, commit)
 
     if config.elastic:
-        run_elastic(steps_to_end, state.variables, lambda dist: _rejoin(run, state, dist), run.dist)
+        run_elastic(steps_to_end, state.variables, lambda dist: _rejoin(run, state, dist), run.dist,
+                    config.stall_timeout)
     else:
         steps_to_end()
     dist = run.dist

@@ -38,8 +38,8 @@ work that keeps the others waiting (writing a checkpoint of a large model) must 
 `--stall_timeout`. Gloo's own operation timeout is raised above the timeout (a user's value
 wins), so that this module's message, which names the rank, comes first.
 
-Elastic Horovod replaces vanished workers instead of ending the job: there the watchdog is not
-started; `stop()` and a new `start()` with the new peers are the hook to watch the new set.
+Under elastic Horovod (`common.dist.run_elastic`) a dead worker is replaced, not fatal: the
+watchdog is stopped when a reset begins and started again over the new ring once it is formed.
 """
 from __future__ import annotations
 
