@@ -125,14 +125,19 @@ def clean_leftovers() -> list[str]:
 
 
 @contextlib.contextmanager
-def _exclusive() -> Iterator[None]:
-    """Only one user of the namespaces at a time: a second one fails instead of tearing the
-    first one's hosts down as leftovers."""
+def _exclusive(wait: float = 0.0) -> Iterator[None]:
+    """Only one user of the namespaces at a time, waiting up to `wait` s for another to finish:
+    a second one fails instead of tearing the first one's hosts down as leftovers."""
     with open(LOCK, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"another process holds {LOCK}: its virtual hosts are in use") from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(f"another process holds {LOCK}: its virtual hosts are in use") from None
+                time.sleep(1.0)
         try:
             yield
         finally:
@@ -413,10 +418,13 @@ def _wait_for_ssh(hosts: VirtualHosts, timeout: float = 20.0) -> None:
 
 
 def up(directory: Path | str, count: int = 2, subnet: str = SUBNET,
-       keepalive: tuple[int, int] = KEEPALIVE) -> VirtualHosts:
+       keepalive: tuple[int, int] = KEEPALIVE, tcp_retries2: int | None = None) -> VirtualHosts:
     """Make `count` hosts (after removing any left over), their links, keys and sshds; their
     files go to `directory`. ssh on both ends gives a silent peer up after `keepalive`
-    (seconds between probes, probes). Undone by `down`, also halfway."""
+    (seconds between probes, probes). `tcp_retries2`, if given, is the hosts' own
+    net.ipv4.tcp_retries2: how many retransmissions TCP sends to a silent peer before the
+    connection fails (Linux's 15 take about 15 minutes; each one more doubles the wait, from
+    0.2 s on these links, up to 2 minutes apiece). Undone by `down`, also halfway."""
     if not 1 <= count <= 3:
         raise ValueError("1 to 3 hosts")
     reason = unavailable_reason()
@@ -438,6 +446,10 @@ def up(directory: Path | str, count: int = 2, subnet: str = SUBNET,
                             "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"],
                            capture_output=True, check=False)
             _ip("-n", netns, "link", "set", "lo", "up")
+        if tcp_retries2 is not None:
+            for host in hosts:
+                host.run(["sysctl", "-q", "-w", f"net.ipv4.tcp_retries2={int(tcp_retries2)}"],
+                         check=True, capture_output=True)
         _ip("-n", SWITCH, "link", "add", BRIDGE, "type", "bridge")
         _ip("-n", SWITCH, "link", "set", BRIDGE, "up")
         for host in hosts:
@@ -474,11 +486,13 @@ def down(directory: Path | str | None = None) -> list[str]:
 
 @contextlib.contextmanager
 def virtual_hosts(directory: Path | str, count: int = 2, subnet: str = SUBNET,
-                  keepalive: tuple[int, int] = KEEPALIVE) -> Iterator[VirtualHosts]:
-    """`count` hosts for the duration of the block, removed on the way out whatever happened.
-    Raises `Unavailable` where they cannot be made (tests skip on it)."""
-    with _exclusive():
-        hosts = up(directory, count, subnet, keepalive)
+                  keepalive: tuple[int, int] = KEEPALIVE, tcp_retries2: int | None = None,
+                  wait: float = 600.0) -> Iterator[VirtualHosts]:
+    """`count` hosts for the duration of the block (`up`), removed on the way out whatever
+    happened; another process's block is waited for up to `wait` s. Raises `Unavailable` where
+    they cannot be made (tests skip on it)."""
+    with _exclusive(wait):
+        hosts = up(directory, count, subnet, keepalive, tcp_retries2)
         try:
             yield hosts
         finally:
@@ -493,6 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     make.add_argument("directory", type=Path, help="where keys, configs and hostfiles go")
     make.add_argument("--hosts", type=int, default=2, help="how many (1-3)")
     make.add_argument("--subnet", default=SUBNET, help="their IPv4 subnet, unused on this machine")
+    make.add_argument("--tcp-retries2", type=int, default=None,
+                      help="the hosts' net.ipv4.tcp_retries2 (default: the machine's)")
     remove = commands.add_parser("down", help="remove the hosts, their links and sshds")
     remove.add_argument("directory", type=Path)
     run = commands.add_parser("run", help="run a command on host N (ssh to the others works from it)")
@@ -508,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "up":
             with _exclusive():
-                hosts = up(args.directory, args.hosts, args.subnet)
+                hosts = up(args.directory, args.hosts, args.subnet, tcp_retries2=args.tcp_retries2)
             horovod_file = hosts.write_hostfile(hosts.directory / "hosts.horovodrun")
             mpirun_file = hosts.write_hostfile(hosts.directory / "hosts.mpirun")
             for host in hosts:
