@@ -1,7 +1,8 @@
 """translate.py across two hosts that are network namespaces of this machine (scripts/netns_hosts.py:
 their own addresses, veth links to one bridge, their own sshd), launched from the first host
-as on a cluster: `horovodrun -H` (MPI and Gloo) and `mpirun --hostfile` train exactly like one
-process, over the link; a link cut mid-run ends the job, naming the lost rank and host."""
+as on a cluster: `horovodrun -H` (MPI), `horovodrun --gloo --hostfile` and `mpirun --hostfile`
+train exactly like one process, over the link; a link cut mid-run ends the job under
+horovodrun (Gloo and MPI), naming the lost rank and host, and leaves nothing behind."""
 import contextlib
 import json
 import os
