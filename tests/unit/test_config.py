@@ -2,8 +2,10 @@ import dataclasses
 
 import pytest
 
+from common.api import check_elastic
 from common.config import TrainConfig, flag, help_text, parse
 from common.errors import ConfigError
+from common.mesh import parse_plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,3 +67,23 @@ def test_the_readme_shows_the_example_script_as_it_is():
     script = (root / "examples" / "keras_model.py").read_text()
     body = script[script.index("import dataclasses"):script.index('\n\nif __name__ == "__main__":')]
     assert shown.split("```")[0].rstrip() == body.rstrip()
+
+
+@pytest.mark.parametrize("flags, elastic_launch, message", [
+    (["--elastic"], False, "needs --elastic: pass both or neither"),
+    ([], True, "needs --elastic: pass both or neither"),
+    (["--elastic", "--plan=tensor=2"], True, "drop tensor and pipeline"),
+    (["--elastic", "--compression=topk:0.01"], True, "--compression=none, fp16 or bf16"),
+])
+def test_elastic_runs_need_the_elastic_launcher_a_data_plan_and_no_per_replica_state(
+        flags, elastic_launch, message, monkeypatch):
+    monkeypatch.setenv("HOROVOD_ELASTIC", "1" if elastic_launch else "0")
+    config = parse(TrainConfig, flags)
+    with pytest.raises(ConfigError, match=message):
+        check_elastic(config, parse_plan(config.plan))
+
+
+def test_an_elastic_run_on_a_data_plan_passes(monkeypatch):
+    monkeypatch.setenv("HOROVOD_ELASTIC", "1")
+    config = parse(TrainConfig, ["--elastic", "--compression=fp16"])
+    check_elastic(config, parse_plan(config.plan))
