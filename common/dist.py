@@ -223,14 +223,14 @@ def _init_horovod(plan: Plan, grouped_allreduce: bool, stall_timeout: int) -> Di
 
 def _set_stall_limits(stall_timeout: int) -> None:
     """Before Horovod starts (a user's values win; `common.watchdog` says why): its stall
-    inspector ends the job when a live rank keeps the others waiting in a collective for
-    `stall_timeout` seconds (MPI controller), and Gloo's operation timeout waits longer than the
+    inspector, checking every half timeout, ends the job when a live rank keeps the others
+    waiting in a collective for `stall_timeout` seconds (MPI controller), and Gloo's operation timeout waits longer than the
     watchdog, whose message names the stalled rank. Not under elastic Horovod: there Gloo's
     timeout (30 s by default) is what ends the collectives of the survivors of a lost worker, so
     that they reset; it must stay below the watchdog's."""
     if stall_timeout <= 0:
         return
-    os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(stall_timeout))
+    os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(max(1, (stall_timeout + 1) // 2)))
     os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(stall_timeout))
     if not launched_elastic():
         os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(max(30, stall_timeout + 30)))

@@ -31,9 +31,9 @@ this process's own thread did not run for a while, that time is not counted agai
 
 Horovod's stall inspector covers the other stall, a live rank that never joins a collective
 (its Horovod thread still answers, so it keeps sending heartbeats too): `common.dist` sets
-HOROVOD_STALL_CHECK_TIME_SECONDS and HOROVOD_STALL_SHUTDOWN_TIME_SECONDS to the timeout (a
-user's values win), which makes the coordinator name the missing ranks and shut Horovod down,
-ending the job; it works with Horovod's MPI controller, not under Gloo. It also means chief-only
+HOROVOD_STALL_SHUTDOWN_TIME_SECONDS to the timeout and HOROVOD_STALL_CHECK_TIME_SECONDS to half
+of it (a user's values win), which makes the coordinator name the missing ranks and shut
+Horovod down, ending the job; it works with Horovod's MPI controller, not under Gloo. It also means chief-only
 work that keeps the others waiting (writing a checkpoint of a large model) must fit in
 `--stall_timeout`. Gloo's own operation timeout is raised above the timeout (a user's value
 wins), so that this module's message, which names the rank, comes first.

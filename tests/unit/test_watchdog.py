@@ -193,7 +193,7 @@ def test_horovod_limits_follow_the_flag_and_a_users_values_win(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "600")
     _set_stall_limits(45)
-    assert os.environ["HOROVOD_STALL_CHECK_TIME_SECONDS"] == "45"
+    assert os.environ["HOROVOD_STALL_CHECK_TIME_SECONDS"] == "23"  # checked every half timeout
     assert os.environ["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] == "600"
     assert os.environ["HOROVOD_GLOO_TIMEOUT_SECONDS"] == "75"
     monkeypatch.delenv("HOROVOD_STALL_CHECK_TIME_SECONDS")
