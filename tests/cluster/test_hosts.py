@@ -1,8 +1,8 @@
 """translate.py across two hosts that are network namespaces of this machine (scripts/netns_hosts.py:
 their own addresses, veth links to one bridge, their own sshd), launched from the first host
-as on a cluster: `horovodrun -H` (MPI), `horovodrun --gloo --hostfile` and `mpirun --hostfile`
-train exactly like one process, over the link; a link cut mid-run ends the job under
-horovodrun (Gloo and MPI), naming the lost rank and host, and leaves nothing behind."""
+as on a cluster: `horovodrun -H` (MPI and Gloo) and `mpirun --hostfile` train exactly like one
+process, over the link; a link cut mid-run ends the job under horovodrun (Gloo and MPI), naming
+the lost rank and host, and leaves nothing behind."""
 import contextlib
 import json
 import os
@@ -49,32 +49,27 @@ def reference(data_dir, tmp_path_factory):
 
 
 def launcher_argv(launcher, hosts):
-    """The launcher's command line on host 1, up to the program, and its environment. Gloo and
-    mpirun read the example hostfiles, which name the hosts' default addresses."""
+    """The launcher's command line on host 1, up to the program, and its environment."""
     if launcher == "mpirun":
-        # ssh options given to Open MPI directly: no wrapper on PATH.
+        # The example hostfile; ssh options given to Open MPI directly, no wrapper on PATH.
         return (["mpirun", "-np", "2", "--hostfile", str(HOSTFILES / "hosts.netns.mpirun"), "--bind-to", "none",
                  "--map-by", "slot", "-mca", "plm_rsh_args", f"-F {hosts.ssh_config}", "-mca", "pml", "ob1",
                  "-mca", "btl", "^openib", "-mca", "btl_tcp_if_include", netns_hosts.IFACE,
                  "-mca", "oob_tcp_if_include", netns_hosts.IFACE,
                  "-x", "PATH", "-x", "PYTHONPATH", "-x", "TF_CPP_MIN_LOG_LEVEL"], launch_env())
     # horovodrun calls `ssh` from PATH: the hosts' ssh (their config) comes first.
-    argv = [str(BIN / "horovodrun"), "-np", "2", "--disable-cache"]
+    argv = [str(BIN / "horovodrun"), "-np", "2", "-H", hosts.horovodrun_hosts(), "--disable-cache"]
     if launcher == "horovodrun-gloo":
-        argv += ["--hostfile", str(HOSTFILES / "hosts.netns.horovodrun"), "--gloo",
-                 "--network-interface", netns_hosts.IFACE]
-    else:
-        argv += ["-H", hosts.horovodrun_hosts()]
+        argv += ["--gloo", "--network-interface", netns_hosts.IFACE]
     return argv, hosts.env(launch_env())
 
 
-def hostfile_addresses(name):
-    lines = (HOSTFILES / name).read_text().splitlines()
-    return [line.split()[0] for line in lines if line.strip() and not line.startswith("#")]
-
-
 def test_the_example_hostfiles_name_the_hosts(hosts):
-    assert hostfile_addresses("hosts.netns.horovodrun") == hostfile_addresses("hosts.netns.mpirun") == hosts.addresses
+    """horovodrun's own parser reads its example (it takes no comments), and both name the hosts."""
+    from horovod.runner.common.util.hosts import parse_host_files
+    assert parse_host_files(str(HOSTFILES / "hosts.netns.horovodrun")) == hosts.horovodrun_hosts()
+    lines = (HOSTFILES / "hosts.netns.mpirun").read_text().splitlines()
+    assert [line.split()[0] for line in lines if line and not line.startswith("#")] == hosts.addresses
 
 
 def translate_argv(out_dir, args):
