@@ -141,6 +141,11 @@ class Silence:
         for peer in self.peers.values():
             peer.last_heard += seconds
 
+    def deadline(self) -> float:
+        """When the first peer not finished will have been silent for longer than the timeout."""
+        return min((peer.last_heard + self.timeout for peer in self.peers.values() if not peer.done),
+                   default=float("inf"))
+
     def silent(self, now: float) -> list[Peer]:
         """The peers, not finished, that sent nothing for longer than the timeout."""
         return [peer for rank, peer in sorted(self.peers.items())
@@ -251,7 +256,8 @@ class Watchdog:
             last = now
             if now >= self._sent_at + self.interval:
                 self._beat(now)
-            self._receive(self._sent_at + self.interval - now)
+            # Wake for the next heartbeat, or just after a peer's silence exceeds the timeout.
+            self._receive(min(self._sent_at + self.interval, self.silence.deadline() + 0.01) - now)
             silent = self.silence.silent(self.clock())
             if silent and not self._stopped.is_set():
                 self.on_stall(message(silent, self.clock(), self.step, self.timeout))

@@ -66,6 +66,16 @@ def test_a_peer_is_silent_only_after_the_timeout():
     assert silence.peers[1].step == 5 and silence.peers[1].source == "127.0.0.1"
 
 
+def test_the_deadline_is_when_the_first_peer_still_running_exceeds_the_timeout():
+    silence = Silence([endpoint(1), endpoint(2)], timeout=30, now=0.0)
+    silence.heard(1, 1, BEAT, "127.0.0.1", now=10.0)
+    assert silence.deadline() == 30.0  # rank 2, never heard since the start
+    silence.heard(2, 1, DONE, "127.0.0.1", now=12.0)
+    assert silence.deadline() == 40.0
+    silence.heard(1, 1, DONE, "127.0.0.1", now=13.0)
+    assert silence.deadline() == float("inf")
+
+
 def test_a_peer_that_said_goodbye_is_never_silent():
     silence = Silence([endpoint(1)], timeout=30, now=0.0)
     silence.heard(1, 20, DONE, "127.0.0.1", now=10.0)
@@ -141,7 +151,7 @@ def test_a_rank_that_falls_silent_is_reported_within_the_timeout():
         started = time.monotonic()
         second.stop(goodbye=False)  # as if frozen: no more heartbeats
         assert reported.wait(3)
-        assert 0.5 < time.monotonic() - started < 2.0
+        assert 0.9 < time.monotonic() - started < 1.5
         assert reports[0].startswith("rank 1 on host node1 (127.0.0.1) sent no heartbeat for 1 s (its last step 3, "
                                      "this rank's 3)")
     finally:
