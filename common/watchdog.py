@@ -9,14 +9,15 @@ timeout ends a Gloo job, with a traceback that does not say which rank froze. A 
 killed is a different case: its launcher sees it die and stops the others at once. So what
 needs checking is liveness, not speed: each process runs a daemon thread that sends a small UDP
 datagram (the job's token, its rank and the last step it completed) to every peer every couple
-of seconds, and reads theirs. The thread runs whatever the main thread does (tracing, building
-data, decoding, writing a checkpoint, waiting in a collective), so a long step never trips it;
-a process that is stopped or cut off falls silent, and each survivor, after `--stall_timeout`
-seconds without a datagram from it, prints `error: rank N on host NAME (ADDRESS) sent no
-heartbeat ...` (ADDRESS: where its datagrams came from) and exits non-zero from the thread
-(`os._exit`: the main thread is stuck in a collective and cannot be unwound). The launcher
-then stops what is left. UDP because it needs no connection set-up, cannot block the sender,
-and a lost datagram only matters if every one in the timeout window is lost.
+of seconds and right after each step (rate-limited), and reads theirs. The thread runs whatever
+the main thread does (tracing, building data, decoding, writing a checkpoint, waiting in a
+collective), so a long step never trips it; a process that is stopped or cut off falls silent,
+and each survivor, after `--stall_timeout` seconds without a datagram from it, prints `error:
+rank N on host NAME (ADDRESS) sent no heartbeat ...` (ADDRESS: where its datagrams came from)
+and exits non-zero from the thread (`os._exit`: the main thread is stuck in a collective and
+cannot be unwound). The launcher then stops what is left. UDP because it needs no connection
+set-up, cannot block the sender, and a lost datagram only matters if every one in the timeout
+window is lost.
 
 Addresses are exchanged once, right after Horovod starts, through the host-side gather every
 rank takes part in (`common.dist` calls `start`). Traffic only ever goes to loopback or to a
@@ -30,13 +31,17 @@ peers finishing a little apart are never reported; a peer still evaluating keeps
 this process's own thread did not run for a while, that time is not counted against its peers.
 
 Horovod's stall inspector covers the other stall, a live rank that never joins a collective
-(its Horovod thread still answers, so it keeps sending heartbeats too): `common.dist` sets
+(its process runs, so its heartbeats keep coming): `common.dist` sets
 HOROVOD_STALL_SHUTDOWN_TIME_SECONDS to the timeout and HOROVOD_STALL_CHECK_TIME_SECONDS to half
 of it (a user's values win), which makes the coordinator name the missing ranks and shut
-Horovod down, ending the job; it works with Horovod's MPI controller, not under Gloo. It also means chief-only
-work that keeps the others waiting (writing a checkpoint of a large model) must fit in
-`--stall_timeout`. Gloo's own operation timeout is raised above the timeout (a user's value
-wins), so that this module's message, which names the rank, comes first.
+Horovod down, ending the job; it works with Horovod's MPI controller, not under Gloo. It also
+means that chief-only work that keeps the others waiting (writing a checkpoint of a large
+model) must fit in `--stall_timeout`. Outside elastic runs Gloo's own operation timeout is
+raised above the timeout (a user's value wins), so that this module's message, which names the
+rank, comes first.
+
+Every rank sends to every other one: a job of N processes sends N - 1 datagrams per rank and
+interval, a few dozen bytes each.
 
 Under elastic Horovod (`common.dist.run_elastic`) a dead worker is replaced, not fatal: the
 watchdog is stopped when a reset begins and started again over the new ring once it is formed.
