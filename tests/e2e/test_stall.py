@@ -71,9 +71,10 @@ def wait_for_steps(job: subprocess.Popen, metrics: Path, steps: int, timeout: fl
 
 @pytest.mark.parametrize("launcher, processes, stopped", [
     ("mpirun", 2, 1),
-    ("horovodrun-gloo", 2, 1),
-    ("horovodrun-gloo", 3, 0),
-], ids=["mpirun-np2-rank1", "gloo-np2-rank1", "gloo-np3-rank0"])
+    ("mpirun", 3, 0),
+    ("horovodrun-gloo", 2, 0),
+    ("horovodrun-gloo", 3, 2),
+], ids=["mpirun-np2-rank1", "mpirun-np3-rank0", "gloo-np2-rank0", "gloo-np3-rank2"])
 def test_a_stopped_rank_ends_the_job_with_a_line_naming_it(launcher, processes, stopped, data_dir, tmp_path):
     log = tmp_path / "output.log"
     args = ["--debug", "--steps=400", "--log_every=1", "--checkpoint_every=0", f"--global_batch_size={8 * processes}",
