@@ -121,8 +121,12 @@ def test_a_stopped_rank_ends_the_job_with_a_line_naming_it(launcher, processes, 
         time.sleep(0.5)
         assert all(gone(process) for process in everything), [p for p in everything if not gone(p)]
         assert not left_running(str(tmp_path)), left_running(str(tmp_path))
-    finally:
-        for process in ranks.values():  # a failed test leaves nothing running
+    finally:  # a failed test leaves nothing running: the stopped rank is continued, then killed
+        try:
+            rest = psutil.Process(job.pid).children(recursive=True) if job.poll() is None else []
+        except psutil.Error:
+            rest = []
+        for process in [*ranks.values(), *rest]:
             try:
                 process.send_signal(signal.SIGCONT)
                 process.kill()
