@@ -8,6 +8,7 @@ weights, whatever the plan: `common.state.load_weights` reloads them).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import resource
 import time
@@ -37,7 +38,11 @@ class ChiefLog:
     def __post_init__(self):
         if self.enabled:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self._writer = tf.summary.create_file_writer(str(self.out_dir / "tb"))
+
+    @functools.cached_property
+    def _writer(self):
+        """Made at the first write (an elastic job's chief may change: `enabled` follows it)."""
+        return tf.summary.create_file_writer(str(self.out_dir / "tb"))
 
     def start_at(self, step: int) -> list[dict[str, Any]]:
         """Drop the records past `step` (all of them on a fresh start), which a resumed run
@@ -86,8 +91,8 @@ def train(run, model, optimizer, step: Step, train_data: Sequence[np.ndarray], *
     the chief saves beside model.npz (a tokenizer, class names). Under --elastic the steps run
     in Horovod Elastic (`common.dist.run_elastic`), committed every --commit_every steps."""
     config, out_dir = run.config, run.out_dir
-    ChiefLog(out_dir, run.dist.is_chief).write_json("config.json", {**config.to_dict(),
-                                                                    "world_size": run.dist.num_replicas})
+    log = ChiefLog(out_dir, run.dist.is_chief)
+    log.write_json("config.json", {**config.to_dict(), "world_size": run.dist.num_replicas})
     ckpt_dir = out_dir / "checkpoints"
     state = TrainingState(run.dist, model, optimizer, step.replica_state)
     if config.elastic:
@@ -96,19 +101,18 @@ def train(run, model, optimizer, step: Step, train_data: Sequence[np.ndarray], *
         state.restore_or_start(ckpt_dir, config.resume)
     start = int(optimizer.iterations.numpy())
     # A resume with no steps left reports the log's last loss.
-    kept = ChiefLog(out_dir, run.dist.is_chief).start_at(start)
+    kept = log.start_at(start)
     totals = Totals(next((record for record in reversed(kept) if "loss" in record), {}))
 
     def steps_to_end(commit=None):
-        _train_steps(run, optimizer, step, state, train_data, evaluate, totals, commit)
+        _train_steps(run, log, optimizer, step, state, train_data, evaluate, totals, commit)
 
     if config.elastic:
-        run_elastic(steps_to_end, state.variables, lambda dist: _rejoin(run, state, dist), run.dist,
+        run_elastic(steps_to_end, state.variables, lambda dist: _rejoin(run, log, state, dist), run.dist,
                     config.stall_timeout)
     else:
         steps_to_end()
     dist = run.dist
-    log = ChiefLog(out_dir, dist.is_chief)
     if start < config.steps:
         state.save(ckpt_dir, config.steps, config.keep)
     results = evaluate()
@@ -128,11 +132,10 @@ def train(run, model, optimizer, step: Step, train_data: Sequence[np.ndarray], *
     return summary
 
 
-def _train_steps(run, optimizer, step: Step, state: TrainingState, train_data, evaluate, totals: Totals,
-                 commit: Callable[[], None] | None) -> None:
+def _train_steps(run, log: ChiefLog, optimizer, step: Step, state: TrainingState, train_data, evaluate,
+                 totals: Totals, commit: Callable[[], None] | None) -> None:
     """From the optimizer's step to --steps: log, checkpoint, evaluate, and commit when elastic."""
     config, dist = run.config, run.dist
-    log = ChiefLog(run.out_dir, dist.is_chief)
     start = int(optimizer.iterations.numpy())
     log.start_at(start)  # an elastic reset goes back to the last commit
     batches = sharded_batches(train_data, batch_size=run.process_batch_size, num_shards=dist.input_shards,
@@ -170,10 +173,11 @@ def _train_steps(run, optimizer, step: Step, state: TrainingState, train_data, e
     progress.close()
 
 
-def _rejoin(run, state: TrainingState, dist) -> None:
-    """After an elastic reset: the new ring's ranks; the global batch stays, split anew."""
+def _rejoin(run, log: ChiefLog, state: TrainingState, dist) -> None:
+    """After an elastic reset: the new ring's ranks (rank 0 logs); the global batch stays, split anew."""
     check_batch_splits(run.config.global_batch_size, dist.num_replicas, run.config.accum_steps, 1)
     run.dist = state.dist = dist
+    log.enabled = dist.is_chief
 
 
 # ------------------ evaluation by all ranks: each data-parallel replica scores an interleaved share
