@@ -224,10 +224,10 @@ def _init_horovod(plan: Plan, grouped_allreduce: bool, stall_timeout: int) -> Di
 def _set_stall_limits(stall_timeout: int) -> None:
     """Before Horovod starts (a user's values win; `common.watchdog` says why): its stall
     inspector, checking every half timeout, ends the job when a live rank keeps the others
-    waiting in a collective for `stall_timeout` seconds (MPI controller), and Gloo's operation timeout waits longer than the
-    watchdog, whose message names the stalled rank. Not under elastic Horovod: there Gloo's
-    timeout (30 s by default) is what ends the collectives of the survivors of a lost worker, so
-    that they reset; it must stay below the watchdog's."""
+    waiting in a collective for `stall_timeout` seconds (MPI controller), and Gloo's operation
+    timeout waits longer than the watchdog, whose message names the stalled rank. Not under
+    elastic Horovod: there Gloo's timeout (30 s by default) is what ends the collectives of the
+    survivors of a lost worker, so that they reset; it must stay below the watchdog's."""
     if stall_timeout <= 0:
         return
     os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(max(1, (stall_timeout + 1) // 2)))
@@ -242,7 +242,7 @@ def _horovod_dist(mesh: Mesh, grouped_allreduce: bool, elastic: bool) -> Dist:
     return Dist("horovod", hvd.rank(), hvd.size(), hvd.local_rank(), mesh, **groups)
 
 
-def _process_sets(mesh: Mesh, rank: int, grouped_allreduce: bool, elastic: bool = False) -> dict[str, Group]:
+def _process_sets(mesh: Mesh, rank: int, grouped_allreduce: bool, elastic: bool) -> dict[str, Group]:
     """This rank's group along each axis: one process set per group, created in the same
     order on every rank (Horovod requires it)."""
     import horovod.tensorflow as hvd
