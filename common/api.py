@@ -20,7 +20,8 @@ from common import config as config_lib
 from common import dist as dist_lib
 from common.config import TrainConfig, flag, load_saved
 from common.errors import ConfigError, RecipeError, exit_with
-from common.loop import gathered_outputs, held_out_metrics, train
+from common.inference import gathered_outputs
+from common.loop import held_out_metrics, train
 from common.mesh import Plan, check_batch_splits, check_divisible, parse_plan
 from common.optimizers import make_optimizer
 from common.plans import data, pipeline

@@ -20,7 +20,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from common import watchdog
-from common.data.pipeline import shard_rows, sharded_batches, unshard_rows
+from common.data.pipeline import sharded_batches
 from common.dist import run_elastic
 from common.errors import RecipeError
 from common.mesh import check_batch_splits
@@ -181,13 +181,7 @@ def _rejoin(run, log: ChiefLog, state: TrainingState, dist) -> None:
 
 
 # ------------------ evaluation by all ranks: each data-parallel replica scores an interleaved share
-def gathered_outputs(dist, outputs_of: Callable[[list], list], rows: Sequence) -> list:
-    """`outputs_of(share)` (one picklable output per row, such as a decoded text) over this
-    replica's share of `rows`; every replica's outputs, in the order of `rows`, on every rank."""
-    share = shard_rows(rows, dist.input_shards, dist.coords["data"])
-    return unshard_rows(dist.gather_replica_objects(outputs_of(share)))
-
-
+# (outputs such as decoded texts: common.inference.gathered_outputs)
 def held_out_metrics(dist, model, loss_sums, arrays, batch_size: int = 500) -> dict[str, float]:
     """The mean loss and metrics of `loss_sums` over `arrays` (a held-out set every rank holds
     whole), as "test_loss" and "test_<metric>". Not for pipeline plans (no stage holds the

@@ -30,11 +30,12 @@ def variable_names(variables) -> list[str]:
     return names
 
 
-def load_weights(model, path: str | Path) -> None:
-    """Assign the full weights a run exported (model.npz) to `model`, built on one process."""
+def load_weights(model, path: str | Path, group=None) -> None:
+    """Assign the full weights a run exported (model.npz) to `model`, built on one process, or
+    split over the tensor group `group` (each rank then keeps its slice)."""
     with np.load(path) as weights:
         for name, v in zip(variable_names(model.variables), model.variables):
-            v.assign(weights[name])
+            v.assign(weights[name] if group is None else local_slice(weights[name], split_axis(v), group))
 
 
 class TrainingState:

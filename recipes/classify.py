@@ -7,6 +7,7 @@ installs and reports top-1 accuracy on the 10,000 test images, evaluated by all 
     horovodrun -np 2 python recipes/classify.py --compression=powersgd:4
     python recipes/classify.py --backend=mirrored               # one process, 2 logical CPU devices
     horovodrun -np 8 -H a:4,b:4 python recipes/classify.py --dataset=cifar10 --data_dir=/shared/tfds
+    horovodrun -np 2 python recipes/classify.py --predict=images/     # label PNG/JPEG files with the run in --out_dir
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import dataclasses
 
 from common.config import TrainConfig, flag, parse_or_exit
 from common.data.images import DEFAULT_SOURCE_DIR
-from common.errors import ConfigError
+from common.errors import ConfigError, RecipeError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,9 @@ class ClassifyConfig(TrainConfig):
     groups: int = flag(8, "GroupNorm groups (must divide every width)")
     max_test: int = flag(0, "test images evaluated; 0 = all")
     source_dir: str = flag(DEFAULT_SOURCE_DIR, "the Debian Fashion-MNIST files the embedded data is made from")
+    predict: str = flag("", "label this image file, or the PNG and JPEG files of this folder, with the finished run "
+                        "in --out_dir instead of training; the chief prints path, class and probability a line")
+    predict_batch: int = flag(256, "--predict: images each replica labels at a time; 0 = all of its share")
 
     DEBUG = {"steps": 20, "global_batch_size": 16, "log_every": 1, "checkpoint_every": 10, "warmup_steps": 5,
              "widths": "8,16", "groups": 4, "max_test": 200}
@@ -46,8 +50,8 @@ class ClassifyConfig(TrainConfig):
 
     def validate(self):
         super().validate()
-        if self.max_test < 0:
-            raise ConfigError(f"--max_test must be >= 0, got {self.max_test}")
+        if self.max_test < 0 or self.predict_batch < 0:
+            raise ConfigError(f"--max_test and --predict_batch must be >= 0, got {self.max_test} and {self.predict_batch}")
         if self.blocks <= 0 or self.groups <= 0:
             raise ConfigError(f"--blocks and --groups must be positive, got {self.blocks} and {self.groups}")
         uneven = [w for w in self.stage_widths() if w % self.groups]
@@ -62,7 +66,10 @@ if __name__ == "__main__":
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from common import api  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from common import api, inference  # noqa: E402
 from common.data.images import load_images  # noqa: E402
 from common.models.convnet import ConvNetSize, build_convnet, loss_sums  # noqa: E402
 
@@ -80,10 +87,64 @@ def load_trained(out_dir: str):
     return model, images["class_names"]
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def image_files(path: str) -> list[str]:
+    """[path] for an image file; the PNG and JPEG files of a folder, sorted."""
+    target = Path(path)
+    if target.is_file():
+        return [path]
+    if not target.is_dir():
+        raise RecipeError(f"--predict: {path} does not exist: pass an image file or a folder of PNG or JPEG files")
+    files = sorted(str(child) for child in target.iterdir() if child.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise RecipeError(f"--predict: no PNG or JPEG files (.png, .jpg, .jpeg) in {path}: pass a folder that holds some")
+    return files
+
+
+def image_array(path: str, shape) -> np.ndarray:
+    """uint8 [height, width, channels] of an image file, as the training images are: its colours
+    converted to their channels, resized (bilinear, rounded) only where its size differs; the
+    model does the scaling to [0, 1] itself."""
+    try:
+        image = tf.io.decode_image(tf.io.read_file(path), channels=shape[2], expand_animations=False)
+    except tf.errors.OpError as error:
+        raise RecipeError(f"--predict: cannot read {path} as an image ({error.message}): pass PNG or JPEG files") from None
+    if tuple(image.shape[:2]) != tuple(shape[:2]):
+        image = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(image, shape[:2])), 0, 255), tf.uint8)
+    return image.numpy()
+
+
+def predict(run) -> None:
+    """--predict: the finished run in --out_dir labels the image files, each replica its share;
+    the chief prints `path<TAB>class<TAB>probability` a line, in sorted path order."""
+    out_dir = inference.finished_run(run.dist, run.out_dir)
+    files, error = [], None
+    try:
+        files = image_files(run.config.predict)
+    except RecipeError as failure:
+        error = str(failure)
+    run.dist.raise_any(error)
+    model, class_names = load_trained(str(out_dir))
+    shape = model.input_shape[1:]
+
+    def label(paths):
+        probabilities = tf.nn.softmax(model(np.stack([image_array(p, shape) for p in paths]), training=False)).numpy()
+        return [(class_names[best], float(row[best])) for row, best in zip(probabilities, probabilities.argmax(-1))]
+
+    labels = inference.gathered_outputs(run.dist, label, files, run.config.predict_batch)
+    if run.dist.is_chief:
+        for path, (name, probability) in zip(files, labels):
+            print(f"{path}\t{name}\t{probability:.4f}")
+
+
 @api.guarded
 def main():
     run = api.start(ClassifyConfig, "classify")  # data parallel: the ConvNet's layers are Keras' own
     cfg = run.config
+    if cfg.predict:
+        return predict(run)
     data = load_images(data_dir=run.data_dir, dataset=cfg.dataset or None, debug=cfg.debug,
                        source_dir=cfg.source_dir)
     with run.model_scope():

@@ -9,6 +9,7 @@ held-out test split greedily, and reports BLEU (sacrebleu).
     horovodrun -np 2 python recipes/translate.py --plan=tensor=2
     python recipes/translate.py --backend=mirrored              # one process, 2 logical CPU devices
     python recipes/translate.py --steps=20 --deterministic      # one process
+    horovodrun -np 2 python recipes/translate.py --predict=lines.txt --plan=tensor=2   # the run in --out_dir
     horovodrun -np 8 -H a:4,b:4 python recipes/translate.py --dataset=wmt14_translate/de-en \
         --data_dir=/shared/tfds --max_len=64 --d_model=512 --ff_dim=2048 --heads=8 --layers=6
 """
@@ -18,6 +19,7 @@ import dataclasses
 
 from common.config import TransformerConfig, flag, parse_or_exit
 from common.data.freedict import DEFAULT_SOURCE
+from common.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,21 +36,31 @@ class TranslateConfig(TransformerConfig):
     max_test: int = flag(1000, "held-out sentences translated for BLEU; 0 = all")
     samples: int = flag(5, "sample translations printed at the end")
     freedict_file: str = flag(DEFAULT_SOURCE, "the FreeDict dictionary the embedded data is made from")
+    predict: str = flag("", "translate each line of this file (- = standard input) with the finished run in "
+                        "--out_dir instead of training; the chief prints one translation a line")
+    predict_batch: int = flag(64, "--predict: sentences each replica decodes at a time; 0 = all of its share")
 
     DEBUG = {"steps": 20, "global_batch_size": 16, "log_every": 1, "checkpoint_every": 10,
              "warmup_steps": 5, "vocab_size": 500, "max_len": 16, "d_model": 32, "heads": 2,
              "layers": 1, "ff_dim": 64, "max_test": 64, "samples": 3}
+
+    def validate(self):
+        super().validate()
+        if self.predict_batch < 0:
+            raise ConfigError(f"--predict_batch must be >= 0, got {self.predict_batch}")
 
 
 if __name__ == "__main__":
     parse_or_exit(TranslateConfig)  # a bad flag fails here, in a moment, before TensorFlow loads
 
 import shutil  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import api  # noqa: E402
+from common import api, inference  # noqa: E402
 from common.data.subword import SubwordTokenizer  # noqa: E402
 from common.data.seq2seq import load_translation  # noqa: E402
 from common.dist import Group  # noqa: E402
@@ -57,16 +69,19 @@ from common.models.transformer import TransformerSize, build_transformer, greedy
 from common.plans.pipeline import make_forward  # noqa: E402
 
 
+def translator(run, forward, tokenizer: SubwordTokenizer, max_len: int):
+    """`translate(rows)`: the greedy translations (texts) of a batch of source id rows."""
+    def translate(rows):
+        ids = greedy_decode(forward, run.dist.tensor, np.stack(rows), max_len, tokenizer.bos_id, tokenizer.eos_id)
+        return [tokenizer.decode(row) for row in ids]
+    return translate
+
+
 def evaluate(run, data, model, forward, count: int) -> dict:
     """BLEU of greedy translations of the first `count` held-out sentences, and the held-out
     loss and token accuracy with the reference as decoder input, scored by all ranks together."""
-    tokenizer, cfg = data.tokenizer, run.config
     scores = api.held_out_metrics(run.dist, model, token_loss(run.dist.tensor), (data.test_src[:count], data.test_tgt[:count]))
-
-    def translate(rows):
-        ids = greedy_decode(forward, run.dist.tensor, np.stack(rows), cfg.max_len, tokenizer.bos_id, tokenizer.eos_id)
-        return [tokenizer.decode(row) for row in ids]
-
+    translate = translator(run, forward, data.tokenizer, run.config.max_len)
     hypotheses, references = api.gathered_outputs(run.dist, translate, data.test_src[:count]), data.test_tgt_text[:count]
     samples = [{"en": s, "reference": r, "translation": h}
                for s, r, h in zip(data.test_src_text, references, hypotheses)]
@@ -82,10 +97,45 @@ def load_trained(out_dir: str):
     return model, tokenizer
 
 
+def source_rows(tokenizer: SubwordTokenizer, lines: list[str], max_len: int) -> np.ndarray:
+    """int32 [len(lines), max_len]: each line's ids and eos, padded, as the held-out sources;
+    a line longer than max_len - 1 tokens keeps its start (stderr says how many were cut)."""
+    ids = tokenizer.encode(lines)
+    cut = sum(len(row) >= max_len for row in ids)
+    if cut:
+        print(f"--predict: {cut} of {len(lines)} lines are longer than the model's max_len={max_len} tokens "
+              f"with eos: each is translated from its first {max_len - 1} tokens", file=sys.stderr)
+    return keras.utils.pad_sequences([row[:max_len - 1] + [tokenizer.eos_id] for row in ids], maxlen=max_len,
+                                     dtype="int32", padding="post")
+
+
+def predict(run) -> None:
+    """--predict: the finished run in --out_dir (its config.json and subword.model), split by
+    the current --plan, translates each input line; the chief prints them in input order."""
+    out_dir = inference.finished_run(run.dist, run.out_dir)
+    saved = api.load_saved(TranslateConfig, out_dir)
+    tokenizer = SubwordTokenizer(str(out_dir / "subword.model"))
+    # No dropout layers: their seed generators' names are numbered per process, unlike model.npz's.
+    size = dataclasses.replace(TransformerSize.of(saved, tokenizer.vocab_size, saved.max_len), dropout=0.0)
+    run.check_model_fits(layers=size.layers, heads=size.heads, ff_dim=size.ff_dim, vocab_size=size.vocab_size)
+    with run.model_scope():
+        model = build_transformer(size, run.dist.tensor)
+    inference.load_finished(run.dist, model, out_dir)
+    lines = inference.chief_lines(run.dist, run.config.predict)
+    sources = source_rows(tokenizer, lines, saved.max_len) if run.dist.is_chief else None
+    translate = translator(run, make_forward(run, model), tokenizer, saved.max_len)
+    translations = inference.gathered_outputs(run.dist, translate, run.dist.broadcast_object(sources),
+                                              run.config.predict_batch)
+    if run.dist.is_chief:
+        print("\n".join(translations), end="\n" if translations else "")
+
+
 @api.guarded
 def main():
     run = api.start(TranslateConfig, "translate", axes=("data", "tensor"))
     cfg = run.config
+    if cfg.predict:
+        return predict(run)
     data = load_translation(data_dir=run.data_dir, dataset=cfg.dataset or None, debug=cfg.debug,
                             max_len=cfg.max_len, vocab_size=cfg.vocab_size, source_path=cfg.freedict_file)
     size = TransformerSize.of(cfg, data.tokenizer.vocab_size, cfg.max_len)
