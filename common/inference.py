@@ -13,6 +13,7 @@ A finished run's `--out_dir` holds `model.npz` (the full weights, whatever plan 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -34,6 +35,18 @@ def gathered_outputs(dist, outputs_of: Callable[[list], list], rows: Sequence, b
     if len(outputs) != len(share):
         raise ValueError(f"outputs_of gave {len(outputs)} outputs for {len(share)} rows")
     return unshard_rows(dist.gather_replica_objects(outputs))
+
+
+def predictions(dist, outputs_of: Callable[[list], list], rows: Sequence, batch_size: int, noun: str) -> list:
+    """`gathered_outputs`, and on the chief's stderr how many `noun` it took and how fast, over
+    how many replicas (bench/inference.py reads the rate)."""
+    start = time.perf_counter()
+    outputs = gathered_outputs(dist, outputs_of, rows, batch_size)
+    seconds = time.perf_counter() - start
+    if dist.is_chief:
+        print(f"predicted {len(rows)} {noun} in {seconds:.2f} s: {len(rows) / max(seconds, 1e-9):.1f} {noun}/s "
+              f"on {dist.input_shards} replicas", file=sys.stderr, flush=True)
+    return outputs
 
 
 def finished_run(dist, out_dir: str | Path) -> Path:

@@ -133,7 +133,7 @@ def predict(run) -> None:
         probabilities = tf.nn.softmax(model(np.stack([image_array(p, shape) for p in paths]), training=False)).numpy()
         return [(class_names[best], float(row[best])) for row, best in zip(probabilities, probabilities.argmax(-1))]
 
-    labels = inference.gathered_outputs(run.dist, label, files, run.config.predict_batch)
+    labels = inference.predictions(run.dist, label, files, run.config.predict_batch, "images")
     if run.dist.is_chief:
         for path, (name, probability) in zip(files, labels):
             print(f"{path}\t{name}\t{probability:.4f}")

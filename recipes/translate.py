@@ -124,8 +124,8 @@ def predict(run) -> None:
     lines = inference.chief_lines(run.dist, run.config.predict)
     sources = source_rows(tokenizer, lines, saved.max_len) if run.dist.is_chief else None
     translate = translator(run, make_forward(run, model), tokenizer, saved.max_len)
-    translations = inference.gathered_outputs(run.dist, translate, run.dist.broadcast_object(sources),
-                                              run.config.predict_batch)
+    translations = inference.predictions(run.dist, translate, run.dist.broadcast_object(sources),
+                                         run.config.predict_batch, "sentences")
     if run.dist.is_chief:
         print("\n".join(translations), end="\n" if translations else "")
 
