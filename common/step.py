@@ -5,12 +5,13 @@ import dataclasses
 from typing import Any, Callable
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Step:
     """A compiled training step and what the loop and the checkpoints need to know of it:
     `run(batch)` trains on this process's share of the batch; `replica_state` ({name: variable})
     is what each data-parallel replica holds its own value of (residuals, per-replica moments);
-    `wire_bytes` is what one replica sends per step, `float32_bytes` the same as one float32
+    `wire_bytes` is what one replica sends per step (a step that sends sparse rows sets it when
+    traced, as their counts are known then), `float32_bytes` the same as one float32
     all-reduce; `report` holds facts of the plan for summary.json (micro-batches in flight)."""
 
     run: Callable[[Any], dict]  # batch -> {"loss": global mean, <metric>: global mean, "count": global count}
