@@ -71,6 +71,7 @@ import tensorflow as tf  # noqa: E402
 
 from common import api, inference  # noqa: E402
 from common.data.images import load_images  # noqa: E402
+from common.export import export_classifier  # noqa: E402
 from common.models.convnet import ConvNetSize, build_convnet, loss_sums  # noqa: E402
 
 
@@ -154,9 +155,10 @@ def main():
     count = min(cfg.max_test or len(data.test_labels), len(data.test_labels))
     test_set = (data.test_images[:count], data.test_labels[:count])
 
-    def export(out_dir):  # beside model.npz; reload both with load_trained()
+    def export(out_dir):  # beside model.npz (reload both with load_trained()), and saved_model/ for serving
         images = {"image_shape": list(data.train_images.shape[1:]), "class_names": data.class_names}
         (out_dir / "images.json").write_text(json.dumps(images) + "\n")
+        export_classifier(out_dir, load_trained(str(out_dir))[0], images["image_shape"])
 
     summary = api.train(run, model, optimizer, step, (data.train_images, data.train_labels), export=export,
                         evaluate=lambda: {**api.held_out_metrics(run.dist, model, loss_sums, test_set),

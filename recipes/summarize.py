@@ -41,11 +41,15 @@ if __name__ == "__main__":
     parse_or_exit(SummarizeConfig)  # a bad flag fails here, in a moment, before TensorFlow loads
 
 import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from common import api  # noqa: E402
 from common.data.seq2seq import load_summarization  # noqa: E402
+from common.data.subword import SubwordTokenizer  # noqa: E402
+from common.dist import Group  # noqa: E402
+from common.export import export_seq2seq  # noqa: E402
 from common.metrics import rouge  # noqa: E402
 from common.models.transformer import CausalLM, TransformerSize, greedy_decode, token_loss  # noqa: E402
 from common.plans import pipeline  # noqa: E402
@@ -67,6 +71,34 @@ def evaluate(run, data, forward, count: int) -> dict:
     return {**rouge(hypotheses, references), "test_documents": count, "samples": samples[:10]}
 
 
+def build_lm(cfg: SummarizeConfig, size: TransformerSize, group: Group) -> CausalLM:
+    """The LM of `size` over `cfg`'s lengths, split over the tensor group `group`, its weights built."""
+    lm = CausalLM(size, group, cfg.source_len, name="lm")
+    lm((np.zeros((1, cfg.source_len), np.int32), np.zeros((1, cfg.summary_len + 1), np.int32)))
+    return lm
+
+
+def load_trained(out_dir: str):
+    """The model of a finished run (any plan), on one process, for inference, and its tokenizer.
+    Without dropout layers: their seed generators' names are numbered per process, so would not
+    match model.npz's in the process that trained the run."""
+    cfg = api.load_saved(SummarizeConfig, out_dir)
+    tokenizer = SubwordTokenizer(str(Path(out_dir) / "subword.model"))
+    size = TransformerSize.of(cfg, tokenizer.vocab_size, cfg.source_len + cfg.summary_len)
+    lm = build_lm(cfg, dataclasses.replace(size, dropout=0.0), Group((0,), 0))
+    api.load_weights(lm, Path(out_dir) / "model.npz")
+    return lm, tokenizer
+
+
+def export(out_dir: Path, tokenizer: SubwordTokenizer) -> None:
+    """Beside model.npz (on the chief): subword.model, which `load_trained` reads too, and
+    saved_model/, the one-process model for serving (`common.export.export_seq2seq`)."""
+    shutil.copy(tokenizer.model_path, out_dir / "subword.model")
+    lm, tokenizer = load_trained(str(out_dir))
+    cfg = api.load_saved(SummarizeConfig, str(out_dir))
+    export_seq2seq(out_dir, lm, tokenizer, source_len=cfg.source_len, target_len=cfg.summary_len)
+
+
 @api.guarded
 def main():
     run = api.start(SummarizeConfig, "summarize", axes=("data", "tensor", "pipeline"))
@@ -76,8 +108,8 @@ def main():
     size = TransformerSize.of(cfg, data.tokenizer.vocab_size, cfg.source_len + cfg.summary_len)
     run.check_model_fits(layers=size.layers, heads=size.heads, ff_dim=size.ff_dim, vocab_size=size.vocab_size)
     with run.model_scope():
-        lm = CausalLM(size, run.dist.tensor, cfg.source_len, name="lm")
-        lm((data.train_src[:1], data.train_tgt[:1]))  # every rank draws every weight, as one process would
+        # Every rank draws every weight, as one process would.
+        lm = build_lm(cfg, size, run.dist.tensor)
         model = pipeline.cut(lm, run.dist)  # pipeline=N: this rank's stage of consecutive blocks
         optimizer = api.make_optimizer(cfg)
     step = api.make_step(run, model, optimizer, token_loss(run.dist.tensor))
@@ -86,7 +118,7 @@ def main():
 
     summary = api.train(run, model, optimizer, step, (data.train_src, data.train_tgt),
                         evaluate=lambda: evaluate(run, data, forward, count),
-                        export=lambda out_dir: shutil.copy(data.tokenizer.model_path, out_dir / "subword.model"))
+                        export=lambda out_dir: export(out_dir, data.tokenizer))
     if run.dist.is_chief:
         print(f"ROUGE-1/2/L = {summary['rouge1']:.1f}/{summary['rouge2']:.1f}/{summary['rougeL']:.1f} on "
               f"{summary['test_documents']} held-out documents (plan {run.plan}, final loss {summary['final_loss']:.4f})")
