@@ -35,12 +35,15 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def make_optimizer(config, name: str = "adam") -> keras.optimizers.Optimizer:
-    """Adam, or SGD with Nesterov momentum 0.9 ("momentum"), on the warm-up + cosine schedule
-    of `config` (--lr scaled by --lr_scaling, --warmup_steps, --steps)."""
+    """Adam, Adagrad (the update `common.plans.ps` applies on parameter servers), or SGD with
+    Nesterov momentum 0.9 ("momentum"), on the warm-up + cosine schedule of `config` (--lr
+    scaled by --lr_scaling, --warmup_steps, --steps)."""
     peak = scaled_lr(config.lr, config.global_batch_size, config.lr_reference_batch, config.lr_scaling)
     schedule = WarmupCosine(peak, config.warmup_steps, config.steps)
     if name == "adam":
         return keras.optimizers.Adam(schedule)
+    if name == "adagrad":
+        return keras.optimizers.Adagrad(schedule)
     return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True)
 
 

@@ -1,0 +1,365 @@
+"""Parameter-server training on TensorFlow's engine: `--plan=ps,workers=N,servers=M`.
+
+`tf.distribute.ParameterServerStrategy` holds the variables on M parameter-server tasks,
+tables split into row shards by a partitioner (every variable of at least `servers` rows is cut
+into `servers` shards, so each server holds 1/M of each embedding table); the chief is the
+`ClusterCoordinator`, which schedules training steps on N workers, each step one worker's batch
+of --global_batch_size examples read from its own per-worker dataset, asynchronously: a worker
+reads the rows it needs, computes the gradient of its batch and sends it to the servers, which
+apply it. The cluster's processes: `common.plans.ps_cluster` (a local one on loopback, or
+TF_CONFIG's).
+
+Keras 3 and this strategy (measured, TF 2.21 / Keras 3.15): a Keras layer built in the
+strategy's scope holds its weight as a `keras.Variable` around a `ShardedVariable`, and the
+model's forward pass runs in a coordinator-scheduled step; but `tape.gradient` of a
+`keras.Variable` fails (a ShardedVariable has no handle), and a Keras 3 optimizer's
+`apply_gradients` fails inside `strategy.run` ("ShardedVariable doesn't support being used as a
+reference"). So the step differentiates with respect to the shards themselves (each
+embedding shard's gradient arrives as tf.IndexedSlices of the rows the batch touched), and
+`ShardedAdagrad` updates them: Keras's Adagrad, same math and defaults, applied row by row on
+the server that holds each shard. Adagrad because its sparse update is exact (an untouched
+row does not move, as in the dense update), so a one-process run with `keras.optimizers.Adagrad`
+on `common.optimizers.make_optimizer(config, "adagrad")` trains the same model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from common.errors import ConfigError, RecipeError
+
+PLAN_HELP = "--plan=ps or ps,workers=N,servers=M (N, M >= 1)"
+
+
+@dataclasses.dataclass(frozen=True)
+class PSPlan:
+    workers: int = 2
+    servers: int = 2
+
+
+def is_ps_plan(plan_text: str) -> bool:
+    return plan_text.split(",")[0].strip() == "ps"
+
+
+def parse_ps_plan(plan_text: str) -> PSPlan:
+    """`ps[,workers=N][,servers=M]` as a PSPlan; ConfigError on anything else."""
+    head, *parts = [part.strip() for part in plan_text.split(",")]
+    if head != "ps":
+        raise ConfigError(f"not a parameter-server plan: {plan_text!r}; use {PLAN_HELP}")
+    counts = {}
+    for part in parts:
+        key, _, value = part.partition("=")
+        if key not in ("workers", "servers") or key in counts:
+            raise ConfigError(f"--plan={plan_text}: unknown or repeated {key!r}; use {PLAN_HELP}")
+        try:
+            counts[key] = int(value)
+        except ValueError:
+            raise ConfigError(f"--plan={plan_text}: {key} takes a whole number, got {value!r}; use {PLAN_HELP}") from None
+        if counts[key] < 1:
+            raise ConfigError(f"--plan={plan_text}: {key} must be at least 1, got {counts[key]}; use {PLAN_HELP}")
+    return PSPlan(**counts)
+
+
+# ------------------------------------------------------------------ variables and their shards
+def shards_of(variable) -> list:
+    """The tf.Variables that hold `variable` (a keras.Variable or tf.Variable): its
+    ShardedVariable's shards in row order, or itself."""
+    import keras
+    value = variable.value if isinstance(variable, keras.Variable) else variable
+    return list(getattr(value, "variables", [value]))
+
+
+def full_value(shards) -> np.ndarray:
+    """The whole tensor of `shards`, read from the servers."""
+    import tensorflow as tf
+    return np.asarray(tf.concat([tf.convert_to_tensor(s) for s in shards], 0) if len(shards) > 1 else shards[0])
+
+
+def assign_full(shards, value: np.ndarray) -> None:
+    """Give each shard its rows of the whole tensor `value`."""
+    offsets = np.cumsum([0] + [int(s.shape[0]) for s in shards]) if len(shards) > 1 else [0, None]
+    for shard, begin, end in zip(shards, offsets[:-1], offsets[1:]):
+        shard.assign(value[begin:end] if len(shards) > 1 else value)
+
+
+def task_of(shard) -> str:
+    """The task that holds `shard`, as "ps:K", from the device the runtime placed it on."""
+    import tensorflow as tf
+    spec = tf.DeviceSpec.from_string(shard.device)
+    return f"{spec.job}:{spec.task}"
+
+
+def placement(model_variables, names: list[str]) -> dict[str, dict[str, int]]:
+    """{variable name: {task: rows it holds}} over the model's variables."""
+    report: dict[str, dict[str, int]] = {}
+    for name, v in zip(names, model_variables):
+        for shard in shards_of(v):
+            rows = int(shard.shape[0]) if shard.shape.rank else 1
+            report.setdefault(name, {})[task_of(shard)] = report.get(name, {}).get(task_of(shard), 0) + rows
+    return report
+
+
+def parameters_per_task(model_variables) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for v in model_variables:
+        for shard in shards_of(v):
+            counts[task_of(shard)] = counts.get(task_of(shard), 0) + int(np.prod(shard.shape))
+    return counts
+
+
+# ------------------------------------------------------------------ the optimizer on the servers
+class ShardedAdagrad:
+    """Keras 3's Adagrad (initial accumulator 0.1, epsilon 1e-7) over variable shards, with
+    --clip_norm's global-norm clipping: a table's gradient rows are merged by index and only
+    those rows of the weights and accumulators change; each shard's update runs on its server."""
+
+    def __init__(self, strategy, variables, learning_rate: Callable, clip_norm: float,
+                 initial_accumulator: float = 0.1, epsilon: float = 1e-7):
+        import tensorflow as tf
+        self.learning_rate, self.clip_norm, self.epsilon = learning_rate, clip_norm, epsilon
+        self.shards = [s for v in variables for s in shards_of(v)]
+        with strategy.scope():
+            self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="iterations")
+            self.accumulators = []
+            for shard in self.shards:
+                with strategy.extended.colocate_vars_with(shard):
+                    self.accumulators.append(tf.Variable(tf.fill(shard.shape, initial_accumulator), trainable=False,
+                                                         name="accumulator"))
+
+    def apply(self, grads) -> None:
+        """Update the shards by `grads` (one per shard, tf.IndexedSlices or dense), in a step."""
+        import tensorflow as tf
+        from common.plans.data import merged_rows, scaled
+        grads = [merged_rows(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+        if self.clip_norm:
+            squares = tf.add_n([tf.reduce_sum(tf.square(g.values if isinstance(g, tf.IndexedSlices) else g))
+                                for g in grads])
+            grads = [scaled(g, tf.minimum(1.0, self.clip_norm / tf.maximum(tf.sqrt(squares), 1e-12))) for g in grads]
+        lr = tf.cast(self.learning_rate(self.iterations), tf.float32)
+        for grad, shard, accumulator in zip(grads, self.shards, self.accumulators):
+            with tf.device(shard.device):
+                if isinstance(grad, tf.IndexedSlices):
+                    accumulator.scatter_add(tf.IndexedSlices(tf.square(grad.values), grad.indices))
+                    rows = tf.gather(accumulator, grad.indices)
+                    shard.scatter_sub(tf.IndexedSlices(lr * grad.values / tf.sqrt(rows + self.epsilon), grad.indices))
+                else:
+                    accumulator.assign_add(tf.square(grad))
+                    shard.assign_sub(lr * grad / tf.sqrt(accumulator + self.epsilon))
+        self.iterations.assign_add(1)
+
+
+# ------------------------------------------------------------------ training
+def train(config, out_dir: Path, *, build_model: Callable, loss_sums: Callable, train_data, evaluate: Callable,
+          export: Callable[[Path], None] = lambda out_dir: None) -> dict[str, Any]:
+    """Train `build_model()` to --steps on a parameter-server cluster (module docstring), then
+    `evaluate(model)` on the chief; writes the outputs `common.loop.train` writes and returns
+    the summary."""
+    import os
+    from common.dist import configure_threads
+    from common.plans import ps_cluster
+    plan = parse_ps_plan(config.plan)
+    configure_threads(config.intra_op_threads)
+    threads = config.intra_op_threads or max(1, (os.cpu_count() or 1) // (plan.workers + plan.servers))
+    with ps_cluster.open_cluster(plan.workers, plan.servers, Path(out_dir) / "servers", threads) as cluster:
+        import tensorflow as tf
+        try:
+            summary = _train_on(cluster, plan, config, Path(out_dir), build_model, loss_sums, train_data, evaluate,
+                                export)
+        except tf.errors.OpError as error:
+            raise cluster.failure(error) from None
+        gc.collect()  # the step's functions are removed from the servers while they still listen
+    return summary
+
+
+def _strategy(cluster, servers: int):
+    import tensorflow as tf
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec(cluster.spec), task_type="chief", task_id=0, rpc_layer="grpc")
+    partitioner = tf.distribute.experimental.partitioners.FixedShardsPartitioner(num_shards=servers)
+    strategy = tf.distribute.ParameterServerStrategy(resolver, variable_partitioner=partitioner)
+    return strategy, tf.distribute.coordinator.ClusterCoordinator(strategy)
+
+
+def _train_on(cluster, plan: PSPlan, config, out_dir: Path, build_model, loss_sums, train_data, evaluate, export):
+    import keras
+    import tensorflow as tf
+    from common import checkpoint
+    from common.loop import ChiefLog
+    from common.optimizers import WarmupCosine, scaled_lr
+    from common.state import variable_names
+    strategy, coordinator = _strategy(cluster, plan.servers)
+    with strategy.scope():
+        keras.utils.set_random_seed(config.seed)
+        model = build_model()
+        if not model.variables:  # a model that builds at its first call
+            loss_sums(model, tuple(a[:1] for a in train_data), False)
+    peak = scaled_lr(config.lr, config.global_batch_size, config.lr_reference_batch, config.lr_scaling)
+    optimizer = ShardedAdagrad(strategy, model.trainable_variables,
+                               WarmupCosine(peak, config.warmup_steps, config.steps), config.clip_norm)
+    names = variable_names(model.variables)
+    state = _CheckpointState(model, names, optimizer)
+    log = ChiefLog(out_dir, True)
+    log.write_json("config.json", {**config.to_dict(), "world_size": plan.workers})
+    ckpt_dir = out_dir / "checkpoints"
+    if config.resume and checkpoint.latest_step(ckpt_dir) is not None:
+        state.assign(*checkpoint.load(ckpt_dir), ckpt_dir)
+    start = int(optimizer.iterations.numpy())
+    kept = log.start_at(start)
+    step = _worker_step(strategy, model, loss_sums, optimizer, config.log_every)
+    iterator = iter(coordinator.create_per_worker_dataset(_dataset_fn(train_data, config.global_batch_size)))
+    totals = _schedule_steps(coordinator, cluster, step, iterator, start, config, log, state, ckpt_dir)
+    totals.metrics = totals.metrics or next((r for r in reversed(kept) if "loss" in r), {})
+    coordinator.join()
+    if start < config.steps:
+        checkpoint.save(ckpt_dir, config.steps, state.arrays(), config.keep)
+    results = evaluate(model)
+    summary = {"steps": config.steps, "plan": "ps", "workers": plan.workers, "servers": plan.servers,
+               "world_size": plan.workers, "final_loss": totals.metrics.get("loss"),
+               "examples_per_sec": totals.metrics.get("examples_per_sec"),
+               "parameters": sum(int(np.prod(v.shape)) for v in model.variables),
+               "parameters_per_server": parameters_per_task(model.variables),
+               "rows_per_server": placement(model.variables, names), "worker_restarts": cluster.worker_restarts,
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               **totals.steady(config.global_batch_size), **results}
+    log.write({"step": config.steps, **results, **totals.steady(config.global_batch_size), "kind": "final"})
+    log.write_json("summary.json", summary)
+    np.savez(out_dir / "model.npz", **state.arrays(model_only=True))
+    export(out_dir)
+    return summary
+
+
+class _CheckpointState:
+    """The model's and the optimizer's variables as full tensors under stable names: the
+    model's under `common.state.variable_names`, so model.npz loads into a one-process model."""
+
+    def __init__(self, model, names: list[str], optimizer: ShardedAdagrad):
+        self.model_shards = {name: shards_of(v) for name, v in zip(names, model.variables)}
+        shard_names = [name for name, v in zip(names, model.variables) if v.trainable for _ in shards_of(v)]
+        self.optimizer_shards = {"ps_adagrad/iterations": [optimizer.iterations]}
+        for name, accumulator in zip(shard_names, optimizer.accumulators):
+            self.optimizer_shards.setdefault(f"ps_adagrad/{name}/accumulator", []).append(accumulator)
+
+    def arrays(self, model_only: bool = False) -> dict[str, np.ndarray]:
+        groups = self.model_shards if model_only else {**self.model_shards, **self.optimizer_shards}
+        return {name: full_value(shards) for name, shards in groups.items()}
+
+    def assign(self, step: int, arrays: dict[str, np.ndarray], source: Path) -> None:
+        from common import checkpoint
+        for name, shards in {**self.model_shards, **self.optimizer_shards}.items():
+            expected = full_value(shards).shape
+            if name not in arrays or arrays[name].shape != expected:
+                raise RecipeError(f"checkpoint {source} (step {step}) has no {name} of shape {expected}: resume "
+                                  f"with the flags and plan it was trained with, or {checkpoint.FIX.format(source)}")
+            assign_full(shards, arrays[name])
+
+
+def _dataset_fn(train_data, batch_size: int) -> Callable:
+    """Each worker's endless stream of batches: epoch after epoch of the rows, each epoch in an
+    order of the worker's own. The seed is drawn on the worker, from its clock: a seed set on
+    the chief (`keras.utils.set_random_seed`) would give every worker the same batches."""
+    import tensorflow as tf
+    arrays = tuple(tf.constant(np.asarray(a)) for a in train_data)
+    rows = len(train_data[0])
+
+    def dataset_fn():
+        worker_seed = tf.cast(tf.timestamp() * 1e6, tf.int64) % (2 ** 31)
+
+        def row_of(position):  # the epoch's permutation, stateless, at this position
+            seed = tf.stack([worker_seed, position // rows])
+            return tf.random.experimental.index_shuffle(position % rows, seed, rows - 1)
+        return (tf.data.Dataset.counter().map(row_of).batch(batch_size, drop_remainder=True)
+                .map(lambda index: tuple(tf.gather(a, index) for a in arrays)).prefetch(2))
+    return dataset_fn
+
+
+def _worker_step(strategy, model, loss_sums, optimizer: ShardedAdagrad, log_every: int):
+    """The scheduled step: a batch, its gradient with respect to the shards, the update. Every
+    --log_every steps the worker prints the step it ran to its own log."""
+    import tensorflow as tf
+
+    def replica_step(batch, step_number):
+        with tf.GradientTape() as tape:
+            loss_sum, count, metrics = loss_sums(model, batch, True)
+            loss = loss_sum / tf.cast(count, loss_sum.dtype)
+        optimizer.apply(tape.gradient(loss, optimizer.shards))
+        if step_number % log_every == 0:
+            tf.print("ps: this worker ran step", step_number, output_stream=sys.stderr)
+        return {"loss_sum": loss_sum, "count": tf.cast(count, tf.float32),
+                **{key: tf.cast(value, tf.float32) for key, value in metrics.items()}}
+
+    @tf.function
+    def step(iterator, step_number):
+        return strategy.run(replica_step, args=(next(iterator), step_number))
+    return step
+
+
+@dataclasses.dataclass
+class _Totals:
+    """The last metrics line, and the steady-state seconds and steps (windows after the first)."""
+
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+    steps: int = 0
+
+    def steady(self, global_batch_size: int) -> dict[str, float]:
+        return {"steady_examples_per_sec": global_batch_size * self.steps / self.seconds} if self.steps else {}
+
+
+def _schedule_steps(coordinator, cluster, step, iterator, start: int, config, log, state, ckpt_dir) -> _Totals:
+    """Schedule steps start+1 .. --steps; each --log_every steps, wait for the window's steps
+    and log their mean loss and metrics (a window's steps ran on any workers, in any order)."""
+    import tensorflow as tf
+    from tqdm import tqdm
+    from common import checkpoint
+    totals, window, first_window_done = _Totals(), [], False
+    window_start = time.perf_counter()
+    progress = tqdm(total=config.steps, initial=start, desc="train", disable=None)
+    for done in range(start + 1, config.steps + 1):
+        cluster.check_servers()
+        window.append(coordinator.schedule(step, args=(iterator, tf.constant(done, tf.int64))))
+        if done % config.log_every and done != config.steps:
+            continue
+        sums = _window_sums(window)
+        seconds = time.perf_counter() - window_start
+        totals.metrics = {"step": done, "loss": sums.pop("loss_sum") / sums["count"],
+                          **{key: value / sums["count"] for key, value in sums.items() if key != "count"},
+                          "examples_per_sec": config.global_batch_size * len(window) / seconds,
+                          "world_size": len(cluster.spec["worker"])}
+        log.write(totals.metrics)
+        progress.update(len(window))
+        progress.set_postfix(loss=f"{totals.metrics['loss']:.4f}")
+        if first_window_done:
+            totals.seconds, totals.steps = totals.seconds + seconds, totals.steps + len(window)
+        first_window_done, window, window_start = True, [], time.perf_counter()
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done != config.steps:
+            coordinator.join()
+            checkpoint.save(ckpt_dir, done, state.arrays(), config.keep)
+    progress.close()
+    return totals
+
+
+def _window_sums(window) -> dict[str, float]:
+    """The summed outputs of a window's steps (waits for them)."""
+    sums: dict[str, float] = {}
+    for remote in window:
+        for key, value in remote.fetch().items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+    return sums
+
+
+if __name__ == "__main__":
+    from common.errors import exit_with
+    from common.plans import ps_cluster
+    if sys.argv[1:2] != ["serve"]:
+        exit_with(ConfigError("usage: python -m common.plans.ps serve [--intra_op_threads=N] (reads TF_CONFIG)"))
+    try:
+        ps_cluster.serve(sys.argv[2:])
+    except RecipeError as error:
+        exit_with(error)
