@@ -40,8 +40,11 @@ PLAN_HELP = "--plan=ps or ps,workers=N,servers=M (N, M >= 1)"
 
 @dataclasses.dataclass(frozen=True)
 class PSPlan:
+    """The local cluster's size; under TF_CONFIG only the counts in `named` must match its own."""
+
     workers: int = 2
     servers: int = 2
+    named: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
 
 def is_ps_plan(plan_text: str) -> bool:
@@ -64,7 +67,7 @@ def parse_ps_plan(plan_text: str) -> PSPlan:
             raise ConfigError(f"--plan={plan_text}: {key} takes a whole number, got {value!r}; use {PLAN_HELP}") from None
         if counts[key] < 1:
             raise ConfigError(f"--plan={plan_text}: {key} must be at least 1, got {counts[key]}; use {PLAN_HELP}")
-    return PSPlan(**counts)
+    return PSPlan(**counts, named=tuple(counts))
 
 
 # ------------------------------------------------------------------ variables and their shards
@@ -161,17 +164,16 @@ def train(config, out_dir: Path, *, build_model: Callable, loss_sums: Callable, 
     """Train `build_model()` to --steps on a parameter-server cluster (module docstring), then
     `evaluate(model)` on the chief; writes the outputs `common.loop.train` writes and returns
     the summary."""
+    plan = parse_ps_plan(config.plan)  # before TensorFlow loads: a bad plan fails at once
     import os
     from common.dist import configure_threads
     from common.plans import ps_cluster
-    plan = parse_ps_plan(config.plan)
     configure_threads(config.intra_op_threads)
     threads = config.intra_op_threads or max(1, (os.cpu_count() or 1) // (plan.workers + plan.servers))
-    with ps_cluster.open_cluster(plan.workers, plan.servers, Path(out_dir) / "servers", threads) as cluster:
+    with ps_cluster.open_cluster(plan, Path(out_dir) / "servers", threads) as cluster:
         import tensorflow as tf
         try:
-            summary = _train_on(cluster, plan, config, Path(out_dir), build_model, loss_sums, train_data, evaluate,
-                                export)
+            summary = _train_on(cluster, config, Path(out_dir), build_model, loss_sums, train_data, evaluate, export)
         except tf.errors.OpError as error:
             raise cluster.failure(error) from None
         gc.collect()  # the step's functions are removed from the servers while they still listen
@@ -187,14 +189,15 @@ def _strategy(cluster, servers: int):
     return strategy, tf.distribute.coordinator.ClusterCoordinator(strategy)
 
 
-def _train_on(cluster, plan: PSPlan, config, out_dir: Path, build_model, loss_sums, train_data, evaluate, export):
+def _train_on(cluster, config, out_dir: Path, build_model, loss_sums, train_data, evaluate, export):
     import keras
     import tensorflow as tf
     from common import checkpoint
     from common.loop import ChiefLog
     from common.optimizers import WarmupCosine, scaled_lr
     from common.state import variable_names
-    strategy, coordinator = _strategy(cluster, plan.servers)
+    workers, servers = len(cluster.spec["worker"]), len(cluster.spec["ps"])
+    strategy, coordinator = _strategy(cluster, servers)
     with strategy.scope():
         keras.utils.set_random_seed(config.seed)
         model = build_model()
@@ -206,7 +209,7 @@ def _train_on(cluster, plan: PSPlan, config, out_dir: Path, build_model, loss_su
     names = variable_names(model.variables)
     state = _CheckpointState(model, names, optimizer)
     log = ChiefLog(out_dir, True)
-    log.write_json("config.json", {**config.to_dict(), "world_size": plan.workers})
+    log.write_json("config.json", {**config.to_dict(), "world_size": workers})
     ckpt_dir = out_dir / "checkpoints"
     if config.resume and checkpoint.latest_step(ckpt_dir) is not None:
         state.assign(*checkpoint.load(ckpt_dir), ckpt_dir)
@@ -220,8 +223,8 @@ def _train_on(cluster, plan: PSPlan, config, out_dir: Path, build_model, loss_su
     if start < config.steps:
         checkpoint.save(ckpt_dir, config.steps, state.arrays(), config.keep)
     results = evaluate(model)
-    summary = {"steps": config.steps, "plan": "ps", "workers": plan.workers, "servers": plan.servers,
-               "world_size": plan.workers, "final_loss": totals.metrics.get("loss"),
+    summary = {"steps": config.steps, "plan": "ps", "workers": workers, "servers": servers, "world_size": workers,
+               "final_loss": totals.metrics.get("loss"), "steps_without_metrics": totals.lost,
                "examples_per_sec": totals.metrics.get("examples_per_sec"),
                "parameters": sum(int(np.prod(v.shape)) for v in model.variables),
                "parameters_per_server": parameters_per_task(model.variables),
@@ -307,6 +310,7 @@ class _Totals:
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
     steps: int = 0
+    lost: int = 0  # steps whose outputs died with their worker after it had applied them
 
     def steady(self, global_batch_size: int) -> dict[str, float]:
         return {"steady_examples_per_sec": global_batch_size * self.steps / self.seconds} if self.steps else {}
@@ -326,15 +330,17 @@ def _schedule_steps(coordinator, cluster, step, iterator, start: int, config, lo
         window.append(coordinator.schedule(step, args=(iterator, tf.constant(done, tf.int64))))
         if done % config.log_every and done != config.steps:
             continue
-        sums = _window_sums(window)
+        sums, lost = _window_sums(window, cluster)
         seconds = time.perf_counter() - window_start
-        totals.metrics = {"step": done, "loss": sums.pop("loss_sum") / sums["count"],
-                          **{key: value / sums["count"] for key, value in sums.items() if key != "count"},
-                          "examples_per_sec": config.global_batch_size * len(window) / seconds,
-                          "world_size": len(cluster.spec["worker"])}
-        log.write(totals.metrics)
+        totals.lost += lost
+        if sums:
+            totals.metrics = {"step": done, "loss": sums.pop("loss_sum") / sums["count"],
+                              **{key: value / sums["count"] for key, value in sums.items() if key != "count"},
+                              "examples_per_sec": config.global_batch_size * len(window) / seconds,
+                              "world_size": len(cluster.spec["worker"])}
+            log.write(totals.metrics)
+            progress.set_postfix(loss=f"{totals.metrics['loss']:.4f}")
         progress.update(len(window))
-        progress.set_postfix(loss=f"{totals.metrics['loss']:.4f}")
         if first_window_done:
             totals.seconds, totals.steps = totals.seconds + seconds, totals.steps + len(window)
         first_window_done, window, window_start = True, [], time.perf_counter()
@@ -345,13 +351,25 @@ def _schedule_steps(coordinator, cluster, step, iterator, start: int, config, lo
     return totals
 
 
-def _window_sums(window) -> dict[str, float]:
-    """The summed outputs of a window's steps (waits for them)."""
+def _window_sums(window, cluster) -> tuple[dict[str, float], int]:
+    """The summed outputs of a window's steps (waits for them), and how many were lost: a
+    worker killed after its step ran takes the step's outputs with it (the coordinator does not
+    run a finished step again), which is no reason to stop while every server is there."""
+    import tensorflow as tf
     sums: dict[str, float] = {}
+    lost = 0
     for remote in window:
-        for key, value in remote.fetch().items():
+        try:
+            outputs = remote.fetch()
+        except tf.errors.UnavailableError:
+            gone = cluster.servers_gone()
+            if gone:
+                raise gone from None
+            lost += 1
+            continue
+        for key, value in outputs.items():
             sums[key] = sums.get(key, 0.0) + float(value)
-    return sums
+    return sums, lost
 
 
 if __name__ == "__main__":

@@ -43,23 +43,28 @@ class Cluster:
         if self.processes:
             self.processes.check_servers()
 
-    def failure(self, error: Exception) -> RecipeError:
-        """The one line for a TensorFlow error that ended the run: the server that is gone, if
-        one is (a probe of each address), else TensorFlow's first line."""
+    def servers_gone(self) -> RecipeError | None:
+        """The error naming a parameter server that is gone (exited, for a local cluster; not
+        answering, for TF_CONFIG's), or None while all are there."""
         if self.processes:
             try:
                 self.processes.check_servers()
             except RecipeError as gone:
                 return gone
-        else:
-            for index, address in enumerate(self.spec["ps"]):
-                if not _listening(address, timeout=2.0):
-                    return RecipeError(f"parameter server ps:{index} ({address}) does not answer, and the variables "
-                                       "it held are gone: restart it and the run (--resume goes on from the last "
-                                       "checkpoint)")
+            return None
+        for index, address in enumerate(self.spec["ps"]):
+            if not _listening(address, timeout=2.0):
+                return RecipeError(f"parameter server ps:{index} ({address}) does not answer, and the variables it "
+                                   "held are gone: restart it and the run (--resume goes on from the last checkpoint)")
+        return None
+
+    def failure(self, error: Exception) -> RecipeError:
+        """The one line for a TensorFlow error that ended the run: the server that is gone, if
+        one is, else TensorFlow's first line."""
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return RecipeError(f"the parameter-server cluster failed ({type(error).__name__}: {first_line}): "
-                           "check the servers' logs, then restart the run (--resume goes on from the last checkpoint)")
+        return self.servers_gone() or RecipeError(
+            f"the parameter-server cluster failed ({type(error).__name__}: {first_line}): check the servers' logs, "
+            "then restart the run (--resume goes on from the last checkpoint)")
 
     @property
     def worker_restarts(self) -> int:
@@ -193,23 +198,25 @@ def _free_ports(count: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def open_cluster(workers: int, servers: int, log_dir: Path, threads: int):
-    """The cluster of TF_CONFIG (this process its chief) if it is set, else a local one of
-    `workers` and `servers` children with `threads` threads each; yields a `Cluster`. The
-    children are killed on every way out of the block, errors included."""
+def open_cluster(plan, log_dir: Path, threads: int):
+    """The cluster of TF_CONFIG (this process its chief) if it is set, else a local one of the
+    plan's workers and servers (`ps.PSPlan`), children with `threads` threads each; yields a
+    `Cluster`. The children are killed on every way out of the block, errors included."""
     text = os.environ.get("TF_CONFIG")
     if text is not None:
         spec, _, _ = parse_tf_config(text)
-        if (len(spec["worker"]), len(spec["ps"])) != (workers, servers):
-            raise ConfigError(f"--plan names workers={workers},servers={servers} but TF_CONFIG's cluster has "
-                              f"{len(spec['worker'])} workers and {len(spec['ps'])} parameter servers: "
-                              "pass --plan=ps (TF_CONFIG then decides) or make them agree")
+        for key, job in (("workers", "worker"), ("servers", "ps")):
+            if key in plan.named and getattr(plan, key) != len(spec[job]):
+                raise ConfigError(f"--plan names {key}={getattr(plan, key)} but TF_CONFIG's cluster has "
+                                  f"{len(spec[job])} {job} tasks: pass --plan=ps (TF_CONFIG then decides) or make "
+                                  "them agree")
         wait_listening(spec)
         yield Cluster(spec)
         return
-    ports = iter(_free_ports(1 + workers + servers))
-    spec = {"chief": [f"localhost:{next(ports)}"], "worker": [f"localhost:{next(ports)}" for _ in range(workers)],
-            "ps": [f"localhost:{next(ports)}" for _ in range(servers)]}
+    ports = iter(_free_ports(1 + plan.workers + plan.servers))
+    spec = {"chief": [f"localhost:{next(ports)}"],
+            "worker": [f"localhost:{next(ports)}" for _ in range(plan.workers)],
+            "ps": [f"localhost:{next(ports)}" for _ in range(plan.servers)]}
     processes = LocalProcesses(spec, log_dir, threads)
     try:
         wait_listening(spec, START_SECONDS, processes.check_started)
