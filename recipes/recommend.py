@@ -153,8 +153,8 @@ def main():
                         evaluate=lambda: held_out_metrics(model, data, cfg.top_k, spread))
     if run.dist.is_chief:
         report(summary, cfg.top_k)
-        print(f"gradient bytes per step and replica: {summary['gradient_wire_bytes']:,} sent (embedding tables as "
-              f"the rows a step touched), {summary['gradient_float32_bytes']:,} as a dense float32 all-reduce")
+        print(f"gradient bytes per step and replica: {summary['gradient_wire_bytes']:,} sent, against "
+              f"{summary['gradient_float32_bytes']:,} for a dense float32 all-reduce")
 
 
 if __name__ == "__main__":
