@@ -88,8 +88,9 @@ def train(run, model, optimizer, step: Step, train_data: Sequence[np.ndarray], *
     process; each data-parallel process reads its interleaved shard of one shuffled stream);
     returns the summary written to summary.json. `evaluate()` runs on every process at the end
     (and every --eval_every steps) and returns the task's metrics; `export(out_dir)` writes what
-    the chief saves beside model.npz (a tokenizer, class names). Under --elastic the steps run
-    in Horovod Elastic (`common.dist.run_elastic`), committed every --commit_every steps."""
+    the chief saves beside model.npz (a tokenizer, class names, the SavedModel for serving of
+    `common.export`). Under --elastic the steps run in Horovod Elastic (`common.dist.run_elastic`),
+    committed every --commit_every steps."""
     config, out_dir = run.config, run.out_dir
     log = ChiefLog(out_dir, run.dist.is_chief)
     log.write_json("config.json", {**config.to_dict(), "world_size": run.dist.num_replicas})
