@@ -3,7 +3,7 @@
 A cluster is TensorFlow's: a chief (the coordinator, the recipe's process), workers and
 parameter servers, each task one `tf.distribute.Server` at a host:port. Every server process
 runs `python -m common.plans.ps serve`, which reads its place from `TF_CONFIG`
-(hostfiles/ps.md). Without `TF_CONFIG`, `local_cluster` starts the workers and servers as
+(hostfiles/ps.md). Without `TF_CONFIG`, `open_cluster` starts the workers and servers as
 children on loopback, on free ports; it restarts a worker that dies (same port, so the
 coordinator's own recovery finds it again), never a parameter server (their variables die with
 them), and kills every child on each way out. A child whose parent is gone exits by itself.
@@ -166,7 +166,8 @@ class LocalProcesses:
         for index in range(len(self.spec["ps"])):
             code = self.children["ps", index].poll()
             if code is not None:
-                raise RecipeError(f"parameter server ps:{index} ({self.spec['ps'][index]}) exited ({_exit_text(code)}), "
+                raise RecipeError(f"parameter server ps:{index} ({self.spec['ps'][index]}) exited "
+                                  f"({_exit_text(code)}), "
                                   "and the variables it held with it: restart the run (with --resume to go on "
                                   "from the last checkpoint)")
 
@@ -174,7 +175,8 @@ class LocalProcesses:
         """RecipeError if a child exited before it listened (a bad environment: its log says why)."""
         for (job, index), child in self.children.items():
             if child.poll() is not None:
-                raise RecipeError(f"{job}:{index} of the local cluster exited at start ({_exit_text(child.returncode)}): "
+                raise RecipeError(f"{job}:{index} of the local cluster exited at start "
+                                  f"({_exit_text(child.returncode)}): "
                                   f"see {self.log_dir / f'{job}-{index}.log'}")
 
     def stop(self) -> None:
@@ -238,7 +240,8 @@ def serve(argv: list[str]) -> None:
         threads = int(value)
     text = os.environ.get("TF_CONFIG")
     if text is None:
-        raise ConfigError(f"serve reads its task from TF_CONFIG, which is not set: {TF_CONFIG_FIX.replace('chief', 'worker')}")
+        raise ConfigError("serve reads its task from TF_CONFIG, which is not set: set it as in "
+                          "hostfiles/tf_config.worker0.json or tf_config.ps0.json (hostfiles/ps.md)")
     spec, task_type, task_index = parse_tf_config(text, role=None)
     if task_type not in JOBS:
         raise ConfigError(f"TF_CONFIG makes this process {task_type}:{task_index}: serve runs workers and ps tasks; "
