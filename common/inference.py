@@ -1,11 +1,14 @@
 """Batch inference by every rank of a job, and a finished run's model under the current plan.
 
-Each data-parallel replica takes an interleaved share of the rows (`shard_rows`) and runs it in
-batches; the ranks of one tensor group hold the same share and run each batch together (their
-split layers' collectives pair up), so a model split by the tensor plan predicts as it trains.
-Replicas never wait for each other until the end, so their shares may differ in size (rows
-that do not divide, fewer rows than replicas, none at all). The outputs come back on every
-rank in the order of the rows (`unshard_rows`).
+The rows are cut into batches in their order, and the data-parallel replicas take the batches
+in turn (`shard_rows`): every batch holds the same rows whatever the number of replicas, so its
+outputs are the same too, bit for bit (a kernel's rounding may depend on the batch's shape and
+contents, and greedy decoding amplifies a flipped argmax). The ranks of one tensor group hold
+the same share and run each batch together (their split layers' collectives pair up), so a
+model split by the tensor plan predicts as it trains. Replicas never wait for each other until
+the end, so their shares may differ in size (rows that do not divide, fewer batches than
+replicas, none at all). The outputs come back on every rank in the order of the rows
+(`unshard_rows`).
 
 A finished run's `--out_dir` holds `model.npz` (the full weights, whatever plan trained it) and
 `summary.json`; every rank reads it (one host, or a folder every host sees, as --data_dir).
@@ -26,15 +29,21 @@ FINISHED = ("model.npz", "summary.json")
 
 def gathered_outputs(dist, outputs_of: Callable[[list], list], rows: Sequence, batch_size: int = 0) -> list:
     """`outputs_of(batch)` (one picklable output per row, such as a decoded text) over this
-    replica's share of `rows`, `batch_size` rows at a time (0: the whole share at once);
-    every replica's outputs, in the order of `rows`, on every rank. A collective: every rank
-    calls it with the same rows."""
-    share = shard_rows(rows, dist.input_shards, dist.coords["data"])
-    size = batch_size or len(share) or 1
-    outputs = [output for start in range(0, len(share), size) for output in outputs_of(share[start:start + size])]
-    if len(outputs) != len(share):
-        raise ValueError(f"outputs_of gave {len(outputs)} outputs for {len(share)} rows")
-    return unshard_rows(dist.gather_replica_objects(outputs))
+    replica's batches of `rows`, `batch_size` rows each (0: one batch per replica, whose rows
+    then depend on the number of replicas); every replica's outputs, in the order of `rows`,
+    on every rank. A collective: every rank calls it with the same rows."""
+    size = batch_size or -(-len(rows) // dist.input_shards) or 1
+    batches = [rows[start:start + size] for start in range(0, len(rows), size)]
+    outputs = [_outputs_of_batch(outputs_of, batch)
+               for batch in shard_rows(batches, dist.input_shards, dist.coords["data"])]
+    return [output for batch in unshard_rows(dist.gather_replica_objects(outputs)) for output in batch]
+
+
+def _outputs_of_batch(outputs_of: Callable[[list], list], batch: Sequence) -> list:
+    outputs = list(outputs_of(list(batch)))
+    if len(outputs) != len(batch):
+        raise ValueError(f"outputs_of gave {len(outputs)} outputs for {len(batch)} rows")
+    return outputs
 
 
 def predictions(dist, outputs_of: Callable[[list], list], rows: Sequence, batch_size: int, noun: str) -> list:
@@ -45,7 +54,7 @@ def predictions(dist, outputs_of: Callable[[list], list], rows: Sequence, batch_
     seconds = time.perf_counter() - start
     if dist.is_chief:
         print(f"predicted {len(rows)} {noun} in {seconds:.2f} s: {len(rows) / max(seconds, 1e-9):.1f} {noun}/s "
-              f"on {dist.input_shards} replicas", file=sys.stderr, flush=True)
+              f"on {dist.input_shards} replica{'s' * (dist.input_shards != 1)}", file=sys.stderr, flush=True)
     return outputs
 
 

@@ -51,7 +51,8 @@ class ClassifyConfig(TrainConfig):
     def validate(self):
         super().validate()
         if self.max_test < 0 or self.predict_batch < 0:
-            raise ConfigError(f"--max_test and --predict_batch must be >= 0, got {self.max_test} and {self.predict_batch}")
+            raise ConfigError(f"--max_test and --predict_batch must be >= 0, got {self.max_test} and "
+                              f"{self.predict_batch}")
         if self.blocks <= 0 or self.groups <= 0:
             raise ConfigError(f"--blocks and --groups must be positive, got {self.blocks} and {self.groups}")
         uneven = [w for w in self.stage_widths() if w % self.groups]
@@ -100,7 +101,8 @@ def image_files(path: str) -> list[str]:
         raise RecipeError(f"--predict: {path} does not exist: pass an image file or a folder of PNG or JPEG files")
     files = sorted(str(child) for child in target.iterdir() if child.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise RecipeError(f"--predict: no PNG or JPEG files (.png, .jpg, .jpeg) in {path}: pass a folder that holds some")
+        raise RecipeError(f"--predict: no PNG or JPEG files (.png, .jpg, .jpeg) in {path}: "
+                          "pass a folder that holds some")
     return files
 
 
@@ -110,8 +112,9 @@ def image_array(path: str, shape) -> np.ndarray:
     model does the scaling to [0, 1] itself."""
     try:
         image = tf.io.decode_image(tf.io.read_file(path), channels=shape[2], expand_animations=False)
-    except tf.errors.OpError as error:
-        raise RecipeError(f"--predict: cannot read {path} as an image ({error.message}): pass PNG or JPEG files") from None
+    except tf.errors.OpError:
+        raise RecipeError(f"--predict: {path} is not a PNG or JPEG image TensorFlow can decode: "
+                          "pass PNG or JPEG files") from None
     if tuple(image.shape[:2]) != tuple(shape[:2]):
         image = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(image, shape[:2])), 0, 255), tf.uint8)
     return image.numpy()

@@ -12,6 +12,7 @@ from scripts.launchers import command, launch_env, one_process_run, run_script, 
 pytestmark = pytest.mark.slow
 
 COUNT = 7  # does not divide over 2 replicas, nor into batches of 2
+BATCH = "--predict_batch=2"  # 4 batches: the replicas take 4 and 3 rows; the same batches on 1 process
 TRAIN = ["--debug", "--log_every=50", "--checkpoint_every=0"]
 
 
@@ -50,7 +51,7 @@ def held_out_lines(translate_run, tmp_path_factory):
     samples = translate_run.summary()["samples"][:COUNT]
     lines = tmp_path_factory.mktemp("lines") / "lines.txt"
     lines.write_text("".join(sample["en"] + "\n" for sample in samples))
-    alone = printed_lines(predict("translate", translate_run.out_dir, [f"--predict={lines}"]))
+    alone = printed_lines(predict("translate", translate_run.out_dir, [f"--predict={lines}", BATCH]))
     return lines, alone, [sample["translation"] for sample in samples]
 
 
@@ -60,15 +61,13 @@ def test_one_process_translates_as_the_training_run_did(held_out_lines):
     assert len(set(alone)) > 2, alone  # distinct outputs: their order is checked
 
 
-@pytest.mark.parametrize("extra, from_stdin", [
-    (["--predict_batch=2"], False),
-    (["--plan=tensor=2"], True),
-], ids=["np2-batches-of-2", "tensor2-stdin"])
+@pytest.mark.parametrize("extra, from_stdin", [([], False), (["--plan=tensor=2"], True)], ids=["np2", "tensor2-stdin"])
 def test_two_processes_translate_as_one(extra, from_stdin, translate_run, held_out_lines):
     lines, alone, _ = held_out_lines
     source = ["--predict=-"] if from_stdin else [f"--predict={lines}"]
-    together = printed_lines(predict("translate", translate_run.out_dir, source + extra, launcher="horovodrun",
-                                     processes=2, stdin=lines.read_text() if from_stdin else None))
+    together = printed_lines(predict("translate", translate_run.out_dir, source + extra + [BATCH],
+                                     launcher="horovodrun", processes=2,
+                                     stdin=lines.read_text() if from_stdin else None))
     assert together == alone
 
 
@@ -99,7 +98,7 @@ def test_images(classify_run, data_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def labelled_alone(classify_run, test_images):
     """The lines one process prints for the folder of test images."""
-    return printed_lines(predict("classify", classify_run.out_dir, [f"--predict={test_images[0]}"]))
+    return printed_lines(predict("classify", classify_run.out_dir, [f"--predict={test_images[0]}", BATCH]))
 
 
 def test_one_process_labels_as_the_trained_model_does(test_images, labelled_alone):
@@ -112,14 +111,13 @@ def test_one_process_labels_as_the_trained_model_does(test_images, labelled_alon
 
 
 def test_two_processes_label_as_one(classify_run, test_images, labelled_alone):
-    together = printed_lines(predict("classify", classify_run.out_dir, [f"--predict={test_images[0]}",
-                                                                        "--predict_batch=2"],
+    together = printed_lines(predict("classify", classify_run.out_dir, [f"--predict={test_images[0]}", BATCH],
                                      launcher="horovodrun", processes=2))
     assert together == labelled_alone
 
 
 def test_one_image_file_on_two_processes(classify_run, test_images, labelled_alone):
-    # Fewer rows than replicas: the second replica's share is empty.
+    # Fewer rows (batches) than replicas: the second replica's share is empty.
     image = test_images[0] / "00.png"
     together = printed_lines(predict("classify", classify_run.out_dir, [f"--predict={image}"],
                                      launcher="horovodrun", processes=2))
