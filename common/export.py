@@ -12,6 +12,7 @@ collective to the graph), so the export runs on a single process anywhere.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -54,19 +55,23 @@ def export_seq2seq(out_dir: Path, model: keras.Model, tokenizer, *, source_len: 
       the end with pad ids (SentencePiece's decode of a row is its text);
     - `logits`: `source` and `target` int32 [batch, target_len + 1] (bos first) -> `logits`
       [batch, target_len, vocabulary rows] (the rows are padded past the tokenizer's vocabulary).
-    `tokenizer` (`common.data.subword.SubwordTokenizer`) gives the vocabulary size and special ids.
+    `tokenizer` (`common.data.subword.SubwordTokenizer`) gives the vocabulary size and special
+    ids; its SentencePiece model travels with the export as saved_model/assets/subword.model.
     """
     source = tf.TensorSpec([None, source_len], tf.int32, name="source")
     target = tf.TensorSpec([None, target_len + 1], tf.int32, name="target")
 
     def generate(source_ids):
-        logits_at = lambda tokens, t: tf.gather(model((source_ids, tokens), training=False), t, axis=1)
+        def logits_at(tokens, t):
+            return tf.gather(model((source_ids, tokens), training=False), t, axis=1)
         return {"ids": greedy_ids(logits_at, tf.shape(source_ids)[0], target_len, tokenizer)}
 
     def logits(source_ids, target_ids):
         return {"logits": model((source_ids, target_ids), training=False)}
 
-    return write_saved_model(out_dir, model, {"generate": (generate, [source]), "logits": (logits, [source, target])})
+    path = write_saved_model(out_dir, model, {"generate": (generate, [source]), "logits": (logits, [source, target])})
+    shutil.copy(tokenizer.model_path, path / "assets" / "subword.model")
+    return path
 
 
 def greedy_ids(logits_at: Callable, rows, length: int, tokenizer) -> tf.Tensor:

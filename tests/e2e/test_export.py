@@ -90,8 +90,8 @@ def served(runs, held_out, tmp_path_factory):
 
 
 def decoded(result, ids):
-    """Texts of generated id rows, by SentencePiece alone with the run's subword.model."""
-    tokenizer = spm.SentencePieceProcessor(model_file=str(result.out_dir / "subword.model"))
+    """Texts of generated id rows, by SentencePiece alone with the subword.model the export holds."""
+    tokenizer = spm.SentencePieceProcessor(model_file=str(result.out_dir / "saved_model" / "assets" / "subword.model"))
     return [tokenizer.decode(row.tolist()) for row in ids]
 
 
