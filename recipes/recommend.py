@@ -7,6 +7,8 @@ recall@k and NDCG@k of the k best-predicted movies each user had not rated in tr
     horovodrun -np 2 python recipes/recommend.py                 # Horovod: embedding gradients as sparse rows
     python recipes/recommend.py --plan=ps,workers=2,servers=2    # a local parameter-server cluster
     python recipes/recommend.py --predict=42                     # the finished run in --out_dir: user 42's top-k
+
+Either plan ends with out_dir/saved_model/, a SavedModel that stock TensorFlow serves (`export`).
 """
 from __future__ import annotations
 
@@ -52,11 +54,13 @@ if __name__ == "__main__":
     parse_or_exit(RecommendConfig)  # a bad flag fails here, in a moment, before TensorFlow loads
 
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from common import api  # noqa: E402
 from common.data.movielens import Ratings, load_ratings  # noqa: E402
 from common.dist import configure_threads  # noqa: E402
 from common.errors import RecipeError  # noqa: E402
+from common.export import write_saved_model  # noqa: E402
 from common.models.recommender import (RecommenderSize, build_recommender, by_user, make_loss_sums,  # noqa: E402
                                        ranking_scores, sampled_negatives, top_unseen)
 from common.plans import ps  # noqa: E402
@@ -76,6 +80,13 @@ def new_model(cfg: RecommendConfig, data: Ratings):
 def train_arrays(cfg: RecommendConfig, data: Ratings) -> tuple[np.ndarray, ...]:
     """(users, items, ratings, a sampled movie per rating), one row per training rating."""
     return (*data.train, sampled_negatives(data.num_items, len(data.train[0]), cfg.seed))
+
+
+def trained_model(cfg: RecommendConfig, data: Ratings, out_dir: Path):
+    """The finished run's model on one process: model.npz's full weights, whatever the plan."""
+    model = new_model(cfg, data)
+    api.load_weights(model, out_dir / "model.npz")
+    return model
 
 
 def user_scores(model, data: Ratings, k: int, users: list[int]) -> list[tuple[float, int, float, float]]:
@@ -116,11 +127,44 @@ def predict(cfg: RecommendConfig) -> None:
         raise RecipeError(f"--predict: user {cfg.predict!r} is not among the {data.num_users} users this run trained "
                           f"on (ids {data.user_ids[0]} to {data.user_ids[-1]})")
     user = data.user_ids.index(cfg.predict)
-    model = new_model(trained, data)
-    api.load_weights(model, out_dir / "model.npz")
+    model = trained_model(trained, data, out_dir)
     interests = np.asarray(model.all_scores(np.array([user], np.int32))[1])[0]
     for item in top_unseen(interests, by_user(data.num_users, data.train[0], data.train[1])[user][0], cfg.top_k):
         print(data.titles[item])
+
+
+def export(out_dir: Path, cfg: RecommendConfig, data: Ratings) -> Path:
+    """out_dir/saved_model/ beside model.npz (on the chief, whatever the plan): the one-process
+    model with model.npz's full weights, and two endpoints. Users and items are the model's
+    indices: user i is the data set's i-th user id in ascending order (`Ratings.user_ids`), item j
+    its j-th movie (whose title `recommend` returns).
+    - `recommend` (also `serving_default`): `users` int32 [n] -> `items` int32 [n, k], `scores`
+      float32 [n, k] (the interests the items are ranked by, best first) and `titles` string
+      [n, k], k = --top_k: the movies each user did NOT rate in training, ranked as --predict
+      and the held-out recall@k rank them. The training items per user travel in the graph as
+      constants (4 bytes per training rating) that mask them out; a user with fewer than k
+      unrated movies gets rated ones after them, scored -inf;
+    - `predict_rating`: `users` and `items` int32 [n] -> `ratings` float32 [n], the predicted ratings."""
+    model = trained_model(cfg, data, out_dir)
+    by_users = by_user(data.num_users, data.train[0], data.train[1])
+    rated_items = np.concatenate([items for (items,) in by_users])
+    row_splits = np.cumsum([0] + [len(items) for (items,) in by_users], dtype=np.int64)
+    k = min(cfg.top_k, data.num_items)
+
+    def recommend(users):
+        rated = tf.gather(tf.RaggedTensor.from_row_splits(rated_items, row_splits), users)
+        at = tf.stack([tf.cast(rated.value_rowids(), tf.int32), rated.flat_values], axis=1)  # (row, item) pairs
+        unrated = tf.tensor_scatter_nd_update(model.all_scores(users)[1], at,
+                                              tf.fill(tf.shape(rated.flat_values), -np.inf))
+        scores, items = tf.math.top_k(unrated, k)  # ties: the lower index first, as top_unseen
+        return {"items": items, "scores": scores, "titles": tf.gather(tf.constant(data.titles), items)}
+
+    def predict_rating(users, items):
+        return {"ratings": model((users, items))}
+
+    users, items = (tf.TensorSpec([None], tf.int32, name=name) for name in ("users", "items"))
+    return write_saved_model(out_dir, model, {"recommend": (recommend, [users]),
+                                              "predict_rating": (predict_rating, [users, items])})
 
 
 def report(summary: dict, k: int) -> None:
@@ -140,7 +184,8 @@ def main():
         data = data_of(cfg)
         summary = ps.train(cfg, Path(cfg.out_dir or "runs/recommend"), build_model=lambda: new_model(cfg, data),
                            loss_sums=loss_sums, train_data=train_arrays(cfg, data),
-                           evaluate=lambda model: held_out_metrics(model, data, cfg.top_k))
+                           evaluate=lambda model: held_out_metrics(model, data, cfg.top_k),
+                           export=lambda out_dir: export(out_dir, cfg, data))
         return report(summary, cfg.top_k)
     run = api.start(RecommendConfig, "recommend")  # Horovod
     data = data_of(cfg)
@@ -150,7 +195,8 @@ def main():
     step = api.make_step(run, model, optimizer, loss_sums)
     spread = lambda outputs_of, rows: api.gathered_outputs(run.dist, outputs_of, rows)  # noqa: E731
     summary = api.train(run, model, optimizer, step, train_arrays(cfg, data),
-                        evaluate=lambda: held_out_metrics(model, data, cfg.top_k, spread))
+                        evaluate=lambda: held_out_metrics(model, data, cfg.top_k, spread),
+                        export=lambda out_dir: export(out_dir, cfg, data))
     if run.dist.is_chief:
         report(summary, cfg.top_k)
         print(f"gradient bytes per step and replica: {summary['gradient_wire_bytes']:,} sent, against "

@@ -52,6 +52,7 @@ class MatrixFactorization(keras.Model):
         for table in (self.user_vectors, self.item_vectors, self.user_bias, self.item_bias, self.item_interest):
             table.build((None,))
             mark_sparse(table.embeddings)
+        self.built = True  # every weight exists now: export needs no call to build it
 
     def rated(self, users, items):
         """(the predicted ratings [n], the rows looked up for them)."""
@@ -78,7 +79,10 @@ class MatrixFactorization(keras.Model):
 
 
 def build_recommender(size: RecommenderSize, mean_rating: float) -> MatrixFactorization:
-    model = MatrixFactorization(size)
+    """A fixed name: Keras numbers unnamed models per process, and the name is in the path (so
+    model.npz's name) of `mean_rating`; a second model in the training process (the export's)
+    must load the same names."""
+    model = MatrixFactorization(size, name="matrix_factorization")
     model.mean_rating.assign(mean_rating)
     return model
 

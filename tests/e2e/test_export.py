@@ -16,8 +16,9 @@ pytestmark = pytest.mark.slow
 DETERMINISTIC = ["--debug", "--deterministic", "--steps=20", "--log_every=5", "--checkpoint_every=0"]
 
 # Run with `python -I` (no PYTHONPATH, no script folder on sys.path): each job calls one
-# signature of a SavedModel on arrays from an .npz and saves what it returns. Importing the
-# project (which the editable install would allow) or Horovod fails.
+# signature of a SavedModel on arrays from an .npz and saves what it returns (strings as
+# bytes arrays, which load without pickle). Importing the project (which the editable install
+# would allow) or Horovod fails.
 SERVE = """
 import json, sys
 class NotForServing:
@@ -30,7 +31,8 @@ for job in json.loads(sys.argv[1]):
     signature = tf.saved_model.load(job["saved_model"]).signatures[job["signature"]]
     with np.load(job["inputs"]) as inputs:
         outputs = signature(**{name: tf.constant(inputs[name]) for name in inputs.files})
-    np.savez(job["outputs"], **{name: value.numpy() for name, value in outputs.items()})
+    np.savez(job["outputs"], **{name: value.numpy().astype(bytes) if value.dtype == tf.string else value.numpy()
+                                for name, value in outputs.items()})
 """
 
 

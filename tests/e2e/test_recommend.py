@@ -1,9 +1,15 @@
 """recommend.py end to end on the Horovod data plan, as real processes (--debug): the run's
-outputs, 2 processes against one, the sparse rows' bytes, --predict."""
+outputs, 2 processes against one, the sparse rows' bytes, --predict; and the SavedModel export
+of that run and of a --plan=ps run, served by stock TensorFlow alone."""
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from scripts.launchers import REPO, assert_same_training, one_process_run, run_recipe, run_script
+from tests.e2e.test_export import SERVE
 
 pytestmark = pytest.mark.slow
 
@@ -69,3 +75,72 @@ def test_predict_bad_input_is_one_clear_line(args, message, two_processes, data_
     assert result.returncode != 0
     assert [line for line in result.error_lines() if message in line], result.output[-3000:]
     assert "Traceback" not in result.output, result.output[-3000:]
+
+
+@pytest.fixture(scope="module")
+def exported_runs(two_processes, data_dir, tmp_path_factory):
+    """The data-plan run and a parameter-server run, each with its saved_model/."""
+    ps_run = run_recipe("recommend", ["--debug", "--plan=ps,workers=2,servers=2", f"--data_dir={data_dir}"],
+                        tmp_path_factory.mktemp("ps"))
+    assert ps_run.returncode == 0, ps_run.output[-3000:]
+    return {"data2": two_processes, "ps": ps_run}
+
+
+@pytest.fixture(scope="module")
+def ratings(data_dir):
+    from common.data.movielens import load_ratings  # TensorFlow only now: collection stays fast
+    return load_ratings(data_dir=data_dir, dataset=None, debug=True)
+
+
+@pytest.fixture(scope="module")
+def served(exported_runs, ratings, tmp_path_factory):
+    """{(run, signature): outputs} of each export, from one fresh `python -I` process: the
+    predicted ratings of the held-out pairs, and every user's recommendations."""
+    folder = tmp_path_factory.mktemp("served")
+    users, items, _ = ratings.test
+    inputs = {"predict_rating": {"users": users, "items": items},
+              "recommend": {"users": np.arange(ratings.num_users, dtype=np.int32)}}
+    jobs = {}
+    for name, result in exported_runs.items():
+        for signature, arrays in inputs.items():
+            stem = folder / f"{name}-{signature}"
+            np.savez(f"{stem}-in.npz", **arrays)
+            jobs[name, signature] = {"saved_model": str(result.out_dir / "saved_model"), "signature": signature,
+                                     "inputs": f"{stem}-in.npz", "outputs": f"{stem}-out.npz"}
+    done = subprocess.run([sys.executable, "-I", "-c", SERVE, json.dumps(list(jobs.values()))], cwd=folder,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {key: dict(np.load(job["outputs"])) for key, job in jobs.items()}
+
+
+@pytest.mark.parametrize("name", ["data2", "ps"])
+def test_the_export_predicts_the_held_out_ratings_of_the_run(name, exported_runs, served, ratings):
+    predicted = served[name, "predict_rating"]["ratings"].astype(np.float64)
+    rmse = np.sqrt(np.mean((predicted - ratings.test[2]) ** 2))
+    assert rmse == pytest.approx(exported_runs[name].summary()["test_rmse"], abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["data2", "ps"])
+def test_the_export_recommends_what_predict_prints(name, exported_runs, served, ratings, data_dir):
+    done = run_script(REPO / "recipes" / "recommend.py",
+                      ["--predict=1", f"--out_dir={exported_runs[name].out_dir}", f"--data_dir={data_dir}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    recommended, user = served[name, "recommend"], ratings.user_ids.index("1")
+    titles = [title.decode() for title in recommended["titles"][user]]
+    assert titles == done.stdout.splitlines() == [ratings.titles[item] for item in recommended["items"][user]]
+    assert len(titles) == 10 and np.all(np.diff(recommended["scores"][user]) <= 0)
+
+
+@pytest.mark.parametrize("name", ["data2", "ps"])
+def test_the_export_ranks_every_user_as_the_recall_at_k_does(name, exported_runs, served, ratings):
+    """The movies each user rated in training are left out: unmasked, many would rank in the top 10."""
+    from common import api
+    from common.models.recommender import by_user, top_unseen
+    from recipes.recommend import RecommendConfig, trained_model
+    out_dir = exported_runs[name].out_dir
+    model = trained_model(api.load_saved(RecommendConfig, out_dir), ratings, out_dir)
+    interests = np.asarray(model.all_scores(np.arange(ratings.num_users, dtype=np.int32))[1])
+    seen = by_user(ratings.num_users, ratings.train[0], ratings.train[1])
+    expected = [top_unseen(row, items, 10) for row, (items,) in zip(interests, seen)]
+    np.testing.assert_array_equal(served[name, "recommend"]["items"], expected)
+    assert sum(np.isin(np.argsort(-row)[:10], items).sum() for row, (items,) in zip(interests, seen)) > 0
