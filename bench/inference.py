@@ -8,9 +8,8 @@ Trains each recipe's default model for a few steps on one process (the weights o
 how long greedy decoding runs), writes the held-out inputs as `--predict` takes them (the
 test split's English sentences, one a line; its images as PNG files), then runs `--predict`
 under python and under `mpirun -np N` (one intra-op thread per process), alternating which
-goes first over `--rounds`: horovodrun's own output forwarding drops lines of a burst of
-stdout (`horovodrun -np 1 python -c "print('\\n'.join(map(str, range(2000))))"` printed 1032
-of the 2000 lines here), mpirun's does not. The rate is the one the chief reports for the inference
+goes first over `--rounds` (not horovodrun: its MPI mode loses lines of a large output,
+README.md: Troubleshooting). The rate is the one the chief reports for the inference
 itself (the rows sharded, run in batches and gathered; not the start-up or the model load).
 The outputs of both must be the same, line for line. Prints the table, writes JSON.
 """
