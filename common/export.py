@@ -74,6 +74,16 @@ def export_seq2seq(out_dir: Path, model: keras.Model, tokenizer, *, source_len: 
     return path
 
 
+def export_trained_seq2seq(out_dir: Path, tokenizer, load_trained: Callable, *, source_len: int,
+                           target_len: int) -> Path:
+    """A sequence recipe's export, on the chief beside model.npz: its tokenizer as
+    subword.model (which `load_trained(out_dir)` reads too), then `export_seq2seq` of the
+    one-process model `load_trained` rebuilds from the full weights."""
+    shutil.copy(tokenizer.model_path, Path(out_dir) / "subword.model")
+    model, tokenizer = load_trained(str(out_dir))
+    return export_seq2seq(out_dir, model, tokenizer, source_len=source_len, target_len=target_len)
+
+
 def greedy_ids(logits_at: Callable, rows, length: int, tokenizer) -> tf.Tensor:
     """Greedy decoding in the graph, as `models.transformer.greedy_decode` does it eagerly: the
     decoder reads a [rows, length + 1] buffer (bos, the ids so far, pad), `logits_at(tokens, t)`

@@ -40,7 +40,6 @@ class SummarizeConfig(TransformerConfig):
 if __name__ == "__main__":
     parse_or_exit(SummarizeConfig)  # a bad flag fails here, in a moment, before TensorFlow loads
 
-import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -49,7 +48,7 @@ from common import api  # noqa: E402
 from common.data.seq2seq import load_summarization  # noqa: E402
 from common.data.subword import SubwordTokenizer  # noqa: E402
 from common.dist import Group  # noqa: E402
-from common.export import export_seq2seq  # noqa: E402
+from common.export import export_trained_seq2seq  # noqa: E402
 from common.metrics import rouge  # noqa: E402
 from common.models.transformer import CausalLM, TransformerSize, greedy_decode, token_loss  # noqa: E402
 from common.plans import pipeline  # noqa: E402
@@ -90,15 +89,6 @@ def load_trained(out_dir: str):
     return lm, tokenizer
 
 
-def export(out_dir: Path, tokenizer: SubwordTokenizer) -> None:
-    """Beside model.npz (on the chief): subword.model, which `load_trained` reads too, and
-    saved_model/, the one-process model for serving (`common.export.export_seq2seq`)."""
-    shutil.copy(tokenizer.model_path, out_dir / "subword.model")
-    lm, tokenizer = load_trained(str(out_dir))
-    cfg = api.load_saved(SummarizeConfig, str(out_dir))
-    export_seq2seq(out_dir, lm, tokenizer, source_len=cfg.source_len, target_len=cfg.summary_len)
-
-
 @api.guarded
 def main():
     run = api.start(SummarizeConfig, "summarize", axes=("data", "tensor", "pipeline"))
@@ -118,7 +108,9 @@ def main():
 
     summary = api.train(run, model, optimizer, step, (data.train_src, data.train_tgt),
                         evaluate=lambda: evaluate(run, data, forward, count),
-                        export=lambda out_dir: export(out_dir, data.tokenizer))
+                        export=lambda out_dir: export_trained_seq2seq(out_dir, data.tokenizer, load_trained,
+                                                                       source_len=cfg.source_len,
+                                                                       target_len=cfg.summary_len))
     if run.dist.is_chief:
         print(f"ROUGE-1/2/L = {summary['rouge1']:.1f}/{summary['rouge2']:.1f}/{summary['rougeL']:.1f} on "
               f"{summary['test_documents']} held-out documents (plan {run.plan}, final loss {summary['final_loss']:.4f})")

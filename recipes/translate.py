@@ -53,7 +53,6 @@ class TranslateConfig(TransformerConfig):
 if __name__ == "__main__":
     parse_or_exit(TranslateConfig)  # a bad flag fails here, in a moment, before TensorFlow loads
 
-import shutil  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -64,7 +63,7 @@ from common import api, inference  # noqa: E402
 from common.data.subword import SubwordTokenizer  # noqa: E402
 from common.data.seq2seq import load_translation  # noqa: E402
 from common.dist import Group  # noqa: E402
-from common.export import export_seq2seq  # noqa: E402
+from common.export import export_trained_seq2seq  # noqa: E402
 from common.metrics import bleu  # noqa: E402
 from common.models.transformer import TransformerSize, build_transformer, greedy_decode, token_loss  # noqa: E402
 from common.plans.pipeline import make_forward  # noqa: E402
@@ -99,15 +98,6 @@ def load_trained(out_dir: str):
     model = build_transformer(dataclasses.replace(size, dropout=0.0), Group((0,), 0))
     api.load_weights(model, Path(out_dir) / "model.npz")
     return model, tokenizer
-
-
-def export(out_dir: Path, tokenizer: SubwordTokenizer) -> None:
-    """Beside model.npz (on the chief): subword.model, which `load_trained` reads too, and
-    saved_model/, the one-process model for serving (`common.export.export_seq2seq`)."""
-    shutil.copy(tokenizer.model_path, out_dir / "subword.model")
-    model, tokenizer = load_trained(str(out_dir))
-    max_len = api.load_saved(TranslateConfig, str(out_dir)).max_len
-    export_seq2seq(out_dir, model, tokenizer, source_len=max_len, target_len=max_len)
 
 
 def source_rows(tokenizer: SubwordTokenizer, lines: list[str], max_len: int) -> np.ndarray:
@@ -162,7 +152,8 @@ def main():
 
     summary = api.train(run, model, optimizer, step, (data.train_src, data.train_tgt),
                         evaluate=lambda: evaluate(run, data, model, forward, count),
-                        export=lambda out_dir: export(out_dir, data.tokenizer))
+                        export=lambda out_dir: export_trained_seq2seq(out_dir, data.tokenizer, load_trained,
+                                                                       source_len=cfg.max_len, target_len=cfg.max_len))
     if run.dist.is_chief:
         print(f"BLEU = {summary['bleu']:.2f} on {summary['test_sentences']} held-out sentences "
               f"({summary['world_size']} replicas, final loss {summary['final_loss']:.4f})")

@@ -77,14 +77,23 @@ def served(runs, held_out, tmp_path_factory):
     signatures = {"translate": {"generate": ["source"], "logits": ["source", "target"]},
                   "classify": {"serving_default": ["images"]},
                   "summarize": {"generate": ["source"], "logits": ["source", "target"]}}
-    jobs = {}
+    requests = {}
     for name, result in runs.items():
         recipe = name.split("-")[0]
         for signature, inputs in signatures[recipe].items():
-            stem = folder / f"{name}-{signature}"
-            np.savez(f"{stem}-in.npz", **{key: held_out[recipe][key] for key in inputs})
-            jobs[name, signature] = {"saved_model": str(result.out_dir / "saved_model"), "signature": signature,
-                                     "inputs": f"{stem}-in.npz", "outputs": f"{stem}-out.npz"}
+            requests[name, signature] = (result.out_dir, {key: held_out[recipe][key] for key in inputs})
+    return served_outputs(folder, requests)
+
+
+def served_outputs(folder, requests) -> dict:
+    """{key: outputs} for `requests` {key: (a run's out_dir, {input name: array})}, keys being
+    (name, signature), each run's saved_model/ served by SERVE in one fresh process."""
+    jobs = {}
+    for (name, signature), (out_dir, arrays) in requests.items():
+        stem = folder / f"{name}-{signature}"
+        np.savez(f"{stem}-in.npz", **arrays)
+        jobs[name, signature] = {"saved_model": str(out_dir / "saved_model"), "signature": signature,
+                                 "inputs": f"{stem}-in.npz", "outputs": f"{stem}-out.npz"}
     done = subprocess.run([sys.executable, "-I", "-c", SERVE, json.dumps(list(jobs.values()))], cwd=folder,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,15 +1,12 @@
 """recommend.py end to end on the Horovod data plan, as real processes (--debug): the run's
 outputs, 2 processes against one, the sparse rows' bytes, --predict; and the SavedModel export
 of that run and of a --plan=ps run, served by stock TensorFlow alone."""
-import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from scripts.launchers import REPO, assert_same_training, one_process_run, run_recipe, run_script
-from tests.e2e.test_export import SERVE
+from tests.e2e.test_export import served_outputs
 
 pytestmark = pytest.mark.slow
 
@@ -100,17 +97,8 @@ def served(exported_runs, ratings, tmp_path_factory):
     users, items, _ = ratings.test
     inputs = {"predict_rating": {"users": users, "items": items},
               "recommend": {"users": np.arange(ratings.num_users, dtype=np.int32)}}
-    jobs = {}
-    for name, result in exported_runs.items():
-        for signature, arrays in inputs.items():
-            stem = folder / f"{name}-{signature}"
-            np.savez(f"{stem}-in.npz", **arrays)
-            jobs[name, signature] = {"saved_model": str(result.out_dir / "saved_model"), "signature": signature,
-                                     "inputs": f"{stem}-in.npz", "outputs": f"{stem}-out.npz"}
-    done = subprocess.run([sys.executable, "-I", "-c", SERVE, json.dumps(list(jobs.values()))], cwd=folder,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return {key: dict(np.load(job["outputs"])) for key, job in jobs.items()}
+    return served_outputs(folder, {(name, signature): (result.out_dir, arrays)
+                                   for name, result in exported_runs.items() for signature, arrays in inputs.items()})
 
 
 @pytest.mark.parametrize("name", ["data2", "ps"])
