@@ -19,6 +19,7 @@ from pathlib import Path
 
 from common.config import TrainConfig, flag, parse_or_exit
 from common.errors import ConfigError
+from common.plans import ps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,8 +30,8 @@ class RecommendConfig(TrainConfig):
     warmup_steps: int = flag(50, "linear learning-rate warm-up steps")
     log_every: int = flag(100, "steps between metrics lines")
     checkpoint_every: int = flag(1000, "steps between checkpoints; 0 = only at the end")
-    optimizer: str = flag("adagrad", "adagrad (the update --plan=ps applies on the parameter servers, whatever "
-                          "this flag), or adam", choices=("adagrad", "adam"))
+    optimizer: str = flag("adagrad", "adagrad or adam; --plan=ps takes only adagrad (the update its parameter "
+                          "servers apply)", choices=("adagrad", "adam"))
     dim: int = flag(32, "length of the user and movie vectors")
     l2: float = flag(0.05, "weight of each looked-up vector's and bias's squared norm, per rating")
     interest_weight: float = flag(1.0, "weight of the interest loss (rated movie against a sampled one) beside "
@@ -48,6 +49,8 @@ class RecommendConfig(TrainConfig):
             raise ConfigError(f"--dim and --top_k must be positive, got {self.dim} and {self.top_k}")
         if self.l2 < 0 or self.interest_weight < 0:
             raise ConfigError(f"--l2 and --interest_weight must be >= 0, got {self.l2} and {self.interest_weight}")
+        if ps.is_ps_plan(self.plan):
+            ps.check_ps_config(self)
 
 
 if __name__ == "__main__":
@@ -63,7 +66,6 @@ from common.errors import RecipeError  # noqa: E402
 from common.export import write_saved_model  # noqa: E402
 from common.models.recommender import (RecommenderSize, build_recommender, by_user, make_loss_sums,  # noqa: E402
                                        ranking_scores, sampled_negatives, top_unseen)
-from common.plans import ps  # noqa: E402
 
 EVAL_USERS_PER_BATCH = 128
 

@@ -73,13 +73,40 @@ def parse_ps_plan(plan_text: str) -> PSPlan:
     return PSPlan(**counts, named=tuple(counts))
 
 
+# Flags of the data plans this engine does not implement: (flag, the one value it takes, why).
+_DATA_PLAN_FLAGS = (
+    ("optimizer", "adagrad", "the parameter servers apply Adagrad"),
+    ("accum_steps", 1, "each scheduled step is one update"),
+    ("compression", "none", "gradients travel to the servers uncompressed"),
+    ("elastic", False, "the cluster restarts a worker that dies"),
+    ("backend", "horovod", "the cluster is TensorFlow's own"),
+    ("allreduce", "grouped", "there is no all-reduce"),
+    ("mirrored_devices", 0, "there is no mirrored backend"),
+    ("deterministic", False, "workers apply their steps asynchronously, in no fixed order"),
+    ("eval_every", 0, "the chief evaluates once, at the end"),
+)
+
+
+def check_ps_config(config) -> PSPlan:
+    """The plan of a `--plan=ps...` config; ConfigError on a bad plan or on a flag this engine
+    would otherwise ignore. Pure Python: recipes call it from their config's validate()."""
+    plan = parse_ps_plan(config.plan)
+    for name, supported, why in _DATA_PLAN_FLAGS:
+        value = getattr(config, name, supported)
+        if value != supported:
+            shown = str(value).lower() if isinstance(value, bool) else value
+            raise ConfigError(f"--{name}={shown} does not work with --plan=ps ({why}): drop the flag, or train "
+                              "with a data plan")
+    return plan
+
+
 # ------------------------------------------------------------------ training
 def train(config, out_dir: Path, *, build_model: Callable, loss_sums: Callable, train_data, evaluate: Callable,
           export: Callable[[Path], None] = lambda out_dir: None) -> dict[str, Any]:
     """Train `build_model()` to --steps on a parameter-server cluster (module docstring), then
     `evaluate(model)` on the chief; writes the outputs `common.loop.train` writes and returns
     the summary."""
-    plan = parse_ps_plan(config.plan)  # before TensorFlow loads: a bad plan fails at once
+    plan = check_ps_config(config)  # before TensorFlow loads: a bad plan or flag fails at once
     import os
     from common.dist import configure_threads
     from common.plans import ps_cluster

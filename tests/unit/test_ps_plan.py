@@ -31,6 +31,45 @@ def test_bad_ps_plan(text, message):
         ps.parse_ps_plan(text)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--optimizer=adam"], "--optimizer=adam does not work with --plan=ps (the parameter servers apply Adagrad)"),
+    (["--accum_steps=2"], "--accum_steps=2 does not work with --plan=ps"),
+    (["--compression=fp16"], "--compression=fp16 does not work with --plan=ps"),
+    (["--elastic"], "--elastic=true does not work with --plan=ps"),
+    (["--backend=mirrored"], "--backend=mirrored does not work with --plan=ps"),
+    (["--allreduce=per_tensor"], "--allreduce=per_tensor does not work with --plan=ps"),
+    (["--deterministic"], "--deterministic=true does not work with --plan=ps (workers apply their steps "
+                          "asynchronously"),
+    (["--eval_every=10"], "--eval_every=10 does not work with --plan=ps"),
+    (["--plan=ps,workers=0"], "workers must be at least 1"),
+])
+def test_recommend_rejects_flags_the_ps_plan_does_not_implement(flags, message):
+    """The recipe itself, as a script with TensorFlow made unimportable: its flag parsing ends
+    it first, with one error line and exit code 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    code = ("import runpy, sys\n"
+            "sys.modules['tensorflow'] = None  # importing it raises ImportError\n"
+            "sys.argv[0] = 'recipes/recommend.py'\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    plan = [] if any(flag.startswith("--plan") for flag in flags) else ["--plan=ps"]
+    result = subprocess.run([sys.executable, "-c", code, *plan, *flags], cwd=root, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(root)}, timeout=60)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_the_ps_plan_takes_the_flags_it_implements():
+    from common.config import TrainConfig, parse
+    config = parse(TrainConfig, ["--plan=ps,workers=3", "--clip_norm=0.5", "--steps=5"])
+    assert ps.check_ps_config(config) == ps.PSPlan(workers=3, servers=2)
+    with pytest.raises(ConfigError, match="--deterministic=true does not work with --plan=ps"):
+        ps.check_ps_config(parse(TrainConfig, ["--plan=ps", "--deterministic"]))
+
+
 CLUSTER = {"chief": ["host0:2222"], "worker": ["host1:2222", "host2:2222"], "ps": ["host3:2222"]}
 
 
