@@ -152,9 +152,12 @@ def _train_on(cluster, config, out_dir: Path, build_model, loss_sums, train_data
     log = ChiefLog(out_dir, True)
     log.write_json("config.json", {**config.to_dict(), "world_size": workers})
     ckpt_dir = out_dir / "checkpoints"
+    start = 0
     if config.resume and checkpoint.latest_step(ckpt_dir) is not None:
-        state.assign(*checkpoint.load(ckpt_dir), ckpt_dir)
-    start = int(optimizer.iterations.numpy())
+        # The checkpoint's step, not the optimizer's count, which a step run twice (at least
+        # once: a killed worker's) has moved past the steps scheduled.
+        start, arrays = checkpoint.load(ckpt_dir)
+        state.assign(start, arrays, ckpt_dir)
     kept = log.start_at(start)
     step = _worker_step(strategy, model, loss_sums, optimizer, config.log_every)
     iterator = iter(coordinator.create_per_worker_dataset(_dataset_fn(train_data, config.global_batch_size)))

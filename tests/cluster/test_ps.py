@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,6 +138,23 @@ def test_model_npz_loads_into_one_process_model(ps_run):
     with np.load(out_dir / "checkpoints" / f"ckpt-{STEPS:08d}.npz") as ckpt:
         # A step the killed worker had applied may run again on the other (at least once).
         assert STEPS <= int(ckpt["ps_adagrad/iterations"]) <= STEPS + 2
+
+
+def test_resume_goes_on_from_the_checkpoints_step(ps_run, tmp_path):
+    """A copy of the finished run resumed to 20 more steps schedules those 20: from the
+    checkpoint's step, whatever its optimizer count (a step run twice moves that past it)."""
+    out_dir = tmp_path / "run"
+    shutil.copytree(ps_run[0], out_dir)
+    with np.load(out_dir / "checkpoints" / f"ckpt-{STEPS:08d}.npz") as ckpt:
+        applied_before = int(ckpt["ps_adagrad/iterations"])
+    chief = start_toy(out_dir, f"--steps={STEPS + 20}", "--plan=ps,workers=2,servers=2", "--resume")
+    _, stderr = chief.communicate(timeout=300)
+    assert chief.returncode == 0, stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-4] == STEPS and steps[-3:] == [STEPS + 10, STEPS + 20, STEPS + 20], steps[-6:]  # last: final
+    assert json.loads((out_dir / "checkpoints" / "latest.json").read_text())["step"] == STEPS + 20
+    with np.load(out_dir / "checkpoints" / f"ckpt-{STEPS + 20:08d}.npz") as ckpt:
+        assert int(ckpt["ps_adagrad/iterations"]) >= applied_before + 20
 
 
 def test_dead_parameter_server_stops_the_run(tmp_path):
