@@ -113,11 +113,7 @@ def train(config, out_dir: Path, *, build_model: Callable, loss_sums: Callable, 
     configure_threads(config.intra_op_threads)
     threads = config.intra_op_threads or max(1, (os.cpu_count() or 1) // (plan.workers + plan.servers))
     with ps_cluster.open_cluster(plan, Path(out_dir) / "servers", threads) as cluster:
-        import tensorflow as tf
-        try:
-            summary = _train_on(cluster, config, Path(out_dir), build_model, loss_sums, train_data, evaluate, export)
-        except tf.errors.OpError as error:
-            raise cluster.failure(error) from None
+        summary = _train_on(cluster, config, Path(out_dir), build_model, loss_sums, train_data, evaluate, export)
         gc.collect()  # the step's functions are removed from the servers while they still listen
     return summary
 
@@ -161,11 +157,8 @@ def _train_on(cluster, config, out_dir: Path, build_model, loss_sums, train_data
     kept = log.start_at(start)
     step = _worker_step(strategy, model, loss_sums, optimizer, config.log_every)
     iterator = iter(coordinator.create_per_worker_dataset(_dataset_fn(train_data, config.global_batch_size)))
-    totals = _schedule_steps(coordinator, cluster, step, iterator, start, config, log, state, ckpt_dir)
+    totals = _run_steps(coordinator, cluster, step, iterator, start, config, log, state, ckpt_dir)
     totals.metrics = totals.metrics or next((r for r in reversed(kept) if "loss" in r), {})
-    coordinator.join()
-    if start < config.steps:
-        checkpoint.save(ckpt_dir, config.steps, state.arrays(), config.keep)
     results = evaluate(model)
     summary = {"steps": config.steps, "plan": "ps", "workers": workers, "servers": servers, "world_size": workers,
                "final_loss": totals.metrics.get("loss"), "steps_without_metrics": totals.lost,
@@ -258,6 +251,22 @@ class _Totals:
 
     def steady(self, global_batch_size: int) -> dict[str, float]:
         return {"steady_examples_per_sec": global_batch_size * self.steps / self.seconds} if self.steps else {}
+
+
+def _run_steps(coordinator, cluster, step, iterator, start: int, config, log, state, ckpt_dir) -> _Totals:
+    """`_schedule_steps`, the wait for every step and the checkpoint of the last: a TensorFlow
+    error there is the cluster's failure (`Cluster.failure`); evaluate()'s and export()'s are
+    their own."""
+    import tensorflow as tf
+    from common import checkpoint
+    try:
+        totals = _schedule_steps(coordinator, cluster, step, iterator, start, config, log, state, ckpt_dir)
+        coordinator.join()
+        if start < config.steps:
+            checkpoint.save(ckpt_dir, config.steps, state.arrays(), config.keep)
+    except tf.errors.OpError as error:
+        raise cluster.failure(error) from None
+    return totals
 
 
 def _schedule_steps(coordinator, cluster, step, iterator, start: int, config, log, state, ckpt_dir) -> _Totals:
