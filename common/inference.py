@@ -31,11 +31,17 @@ def gathered_outputs(dist, outputs_of: Callable[[list], list], rows: Sequence, b
     """`outputs_of(batch)` (one picklable output per row, such as a decoded text) over this
     replica's batches of `rows`, `batch_size` rows each (0: one batch per replica, whose rows
     then depend on the number of replicas); every replica's outputs, in the order of `rows`,
-    on every rank. A collective: every rank calls it with the same rows."""
+    on every rank. A collective: every rank calls it with the same rows, and a RecipeError of
+    one replica's rows (an input that cannot be read) is raised on every rank."""
     size = batch_size or -(-len(rows) // dist.input_shards) or 1
     batches = [rows[start:start + size] for start in range(0, len(rows), size)]
-    outputs = [_outputs_of_batch(outputs_of, batch)
-               for batch in shard_rows(batches, dist.input_shards, dist.coords["data"])]
+    outputs, error = [], None
+    try:
+        outputs = [_outputs_of_batch(outputs_of, batch)
+                   for batch in shard_rows(batches, dist.input_shards, dist.coords["data"])]
+    except RecipeError as failure:
+        error = str(failure)
+    dist.raise_any(error)
     return [output for batch in unshard_rows(dist.gather_replica_objects(outputs)) for output in batch]
 
 

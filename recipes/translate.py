@@ -92,12 +92,17 @@ def load_trained(out_dir: str):
     """The exported model of a finished run (any plan), on one process, for inference, and its
     tokenizer. Without dropout layers: their seed generators' names are numbered per process,
     so would not match model.npz's in the process that trained the run."""
-    cfg = api.load_saved(TranslateConfig, out_dir)
-    tokenizer = SubwordTokenizer(str(Path(out_dir) / "subword.model"))
-    size = TransformerSize.of(cfg, tokenizer.vocab_size, cfg.max_len)
-    model = build_transformer(dataclasses.replace(size, dropout=0.0), Group((0,), 0))
+    size, tokenizer = trained_size(out_dir)
+    model = build_transformer(size, Group((0,), 0))
     api.load_weights(model, Path(out_dir) / "model.npz")
     return model, tokenizer
+
+
+def trained_size(out_dir) -> tuple[TransformerSize, SubwordTokenizer]:
+    """The model size of the finished run in `out_dir`, without dropout, and its tokenizer."""
+    saved = api.load_saved(TranslateConfig, out_dir)
+    tokenizer = SubwordTokenizer(str(Path(out_dir) / "subword.model"))
+    return dataclasses.replace(TransformerSize.of(saved, tokenizer.vocab_size, saved.max_len), dropout=0.0), tokenizer
 
 
 def source_rows(tokenizer: SubwordTokenizer, lines: list[str], max_len: int) -> np.ndarray:
@@ -116,17 +121,14 @@ def predict(run) -> None:
     """--predict: the finished run in --out_dir (its config.json and subword.model), split by
     the current --plan, translates each input line; the chief prints them in input order."""
     out_dir = inference.finished_run(run.dist, run.out_dir)
-    saved = api.load_saved(TranslateConfig, out_dir)
-    tokenizer = SubwordTokenizer(str(out_dir / "subword.model"))
-    # No dropout layers: their seed generators' names are numbered per process, unlike model.npz's.
-    size = dataclasses.replace(TransformerSize.of(saved, tokenizer.vocab_size, saved.max_len), dropout=0.0)
+    size, tokenizer = trained_size(out_dir)
     run.check_model_fits(layers=size.layers, heads=size.heads, ff_dim=size.ff_dim, vocab_size=size.vocab_size)
     with run.model_scope():
         model = build_transformer(size, run.dist.tensor)
     inference.load_finished(run.dist, model, out_dir)
     lines = inference.chief_lines(run.dist, run.config.predict)
-    sources = source_rows(tokenizer, lines, saved.max_len) if run.dist.is_chief else None
-    translate = translator(run, make_forward(run, model), tokenizer, saved.max_len)
+    sources = source_rows(tokenizer, lines, size.max_len) if run.dist.is_chief else None
+    translate = translator(run, make_forward(run, model), tokenizer, size.max_len)
     translations = inference.predictions(run.dist, translate, run.dist.broadcast_object(sources),
                                          run.config.predict_batch, "sentences")
     if run.dist.is_chief:

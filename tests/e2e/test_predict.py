@@ -143,14 +143,19 @@ def left_running(marker: str) -> list[str]:
     ("translate", "no_model", "error: no finished model in {out} (model.npz and summary.json): "
                               "train first with --out_dir={out}"),
     ("classify", "empty", "error: --predict: no PNG or JPEG files (.png, .jpg, .jpeg) in {empty}"),
-], ids=["no-finished-model", "no-images"])
-def test_bad_input_is_one_line_on_every_rank(recipe, folder, message, classify_run, tmp_path):
+    ("classify", "corrupt", "error: --predict: {empty}/b.png is not a PNG or JPEG image TensorFlow can decode"),
+], ids=["no-finished-model", "no-images", "rank-1-cannot-decode"])
+def test_bad_input_is_one_line_on_every_rank(recipe, folder, message, classify_run, test_images, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
+    if folder == "corrupt":  # one image a batch: rank 0 labels a.png and c.png, rank 1 meets b.png
+        good = sorted(test_images[0].glob("*.png"))[0].read_bytes()
+        for name, content in (("a.png", good), ("b.png", b"not a PNG"), ("c.png", good)):
+            (empty / name).write_bytes(content)
     out = tmp_path / "no_model" if folder == "no_model" else classify_run.out_dir
     out.mkdir(exist_ok=True)
     start = time.perf_counter()
-    done = predict(recipe, out, [f"--predict={empty}"], launcher="horovodrun", processes=2)
+    done = predict(recipe, out, [f"--predict={empty}", "--predict_batch=1"], launcher="horovodrun", processes=2)
     seconds = time.perf_counter() - start
     assert done.returncode != 0
     assert seconds < 30, f"took {seconds:.0f} s"

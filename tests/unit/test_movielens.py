@@ -73,7 +73,8 @@ def loss_sums(model, batch, training):
     return tf.reduce_sum(tf.square(predicted - targets)), tf.cast(tf.size(ids), tf.float32), {}
 
 
-def test_sparse_rows_train_exactly_like_the_dense_table_and_send_fewer_bytes():
+@pytest.mark.parametrize("name", ["adam", "adagrad"])
+def test_sparse_rows_train_exactly_like_the_dense_table_and_send_fewer_bytes(name):
     config = TrainConfig(steps=5, warmup_steps=1, accum_steps=2, clip_norm=0.05)  # clipping at work
     run = types.SimpleNamespace(config=config, dist=ONE_PROCESS)
     ids = tf.constant([[3, 3, 7, 9, 3, 1, 7, 2]] * 5) + tf.range(5)[:, None]  # repeated rows within a batch
@@ -81,7 +82,7 @@ def test_sparse_rows_train_exactly_like_the_dense_table_and_send_fewer_bytes():
     weights, steps = [], []
     for sparse in (True, False):
         keras.utils.set_random_seed(0)
-        model, optimizer = Lookup(sparse), make_optimizer(config)
+        model, optimizer = Lookup(sparse), make_optimizer(config, name)
         step = make_train_step(run, model, optimizer, loss_sums)
         for batch in zip(ids, targets):
             step(batch)
