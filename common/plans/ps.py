@@ -283,7 +283,7 @@ def _schedule_steps(coordinator, cluster, step, iterator, start: int, config, lo
         window.append(coordinator.schedule(step, args=(iterator, tf.constant(done, tf.int64))))
         if done % config.log_every and done != config.steps:
             continue
-        sums, lost = _window_sums(window, cluster)
+        sums, lost = _window_sums(window, coordinator, cluster)
         seconds = time.perf_counter() - window_start
         totals.lost += lost
         if sums:
@@ -304,11 +304,15 @@ def _schedule_steps(coordinator, cluster, step, iterator, start: int, config, lo
     return totals
 
 
-def _window_sums(window, cluster) -> tuple[dict[str, float], int]:
-    """The summed outputs of a window's steps (waits for them), and how many were lost: a
+def _window_sums(window, coordinator, cluster) -> tuple[dict[str, float], int]:
+    """The summed outputs of a window's steps, the steps scheduled (waits for them, checking the
+    local cluster's servers and workers meanwhile), and how many were lost: a
     worker killed after its step ran takes the step's outputs with it (the coordinator does not
     run a finished step again), which is no reason to stop while every server is there."""
     import tensorflow as tf
+    while not coordinator.done():  # with no worker left the coordinator would wait for ever
+        cluster.check_servers()
+        time.sleep(0.01)
     sums: dict[str, float] = {}
     lost = 0
     for remote in window:

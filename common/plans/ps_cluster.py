@@ -5,8 +5,8 @@ parameter servers, each task one `tf.distribute.Server` at a host:port. Every se
 runs `python -m common.plans.ps serve`, which reads its place from `TF_CONFIG`
 (hostfiles/ps.md). Without `TF_CONFIG`, `open_cluster` starts the workers and servers as
 children on loopback, on free ports; it restarts a worker that dies (same port, so the
-coordinator's own recovery finds it again), never a parameter server (their variables die with
-them), and kills every child on each way out. A child whose parent is gone exits by itself.
+coordinator's own recovery finds it again) unless it keeps dying at start, never a parameter
+server (their variables die with them), and kills every child on each way out. A child whose parent is gone exits by itself.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from common.errors import ConfigError, RecipeError
 
 REACH_SECONDS = 15  # how long the chief waits for every task of a TF_CONFIG cluster to listen
 START_SECONDS = 120  # how long it waits for its own children to start (TensorFlow's import is slow on a busy host)
+QUICK_EXIT_SECONDS = 60  # a local worker that exits this soon after its start...
+QUICK_EXITS = 3  # ...this many times in a row is not started again: the run ends, naming it
 TF_CONFIG_FIX = "set TF_CONFIG as in hostfiles/tf_config.chief.json (hostfiles/ps.md)"
 JOBS = ("worker", "ps")
 
@@ -38,8 +40,8 @@ class Cluster:
     processes: "LocalProcesses | None" = None
 
     def check_servers(self) -> None:
-        """RecipeError if a local parameter server has exited (a TF_CONFIG cluster's are not ours
-        to watch: TensorFlow's error names them)."""
+        """RecipeError if a local parameter server has exited, or a local worker keeps exiting
+        (a TF_CONFIG cluster's are not ours to watch: TensorFlow's error names them)."""
         if self.processes:
             self.processes.check_servers()
 
@@ -130,6 +132,9 @@ class LocalProcesses:
         self.spec, self.log_dir, self.threads = spec, log_dir, threads
         self.children: dict[tuple[str, int], subprocess.Popen] = {}
         self.restarts = 0
+        self.started_at: dict[tuple[str, int], float] = {}
+        self.quick_exits = [0] * len(spec["worker"])
+        self.failure: RecipeError | None = None  # set by the watcher when it gives up; the chief raises it
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -143,26 +148,55 @@ class LocalProcesses:
         tf_config = json.dumps({"cluster": self.spec, "task": {"type": job, "index": index}})
         env = {**os.environ, "TF_CONFIG": tf_config, "PS_PARENT_PID": str(os.getpid()),
                "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-        with open(self.log_dir / f"{job}-{index}.log", "ab") as log:
+        with open(self._log_path(job, index), "ab") as log:
             self.children[job, index] = subprocess.Popen(
                 [sys.executable, "-m", "common.plans.ps", "serve", f"--intra_op_threads={self.threads}"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 cwd=Path(__file__).resolve().parents[2])
+        self.started_at[job, index] = time.monotonic()
+
+    def _log_path(self, job: str, index: int) -> Path:
+        return self.log_dir / f"{job}-{index}.log"
 
     def _restart_dead_workers(self) -> None:
+        """The watcher thread: every half second, `_restart_exited_workers`, until the cluster
+        stops or the watcher gives up (`failure`). An error of its own ends it the same way:
+        a watcher that died silently would leave the chief waiting for its workers for ever."""
+        while self.failure is None and not self._stopping.wait(0.5):
+            try:
+                with self._lock:
+                    self._restart_exited_workers()
+            except Exception as error:  # any error: the chief must hear of it
+                self.failure = RecipeError(
+                    f"the local cluster's watcher failed ({type(error).__name__}: {error}): see the logs in "
+                    f"{self.log_dir}, then restart the run (--resume goes on from the last checkpoint)")
+
+    def _restart_exited_workers(self) -> None:
         """A worker that exits is started again on its port: TensorFlow's coordinator, which has
-        moved its steps to the other workers, finds it there and gives it steps again."""
-        while not self._stopping.wait(0.5):
-            with self._lock:
-                for index in range(len(self.spec["worker"])):
-                    code = self.children["worker", index].poll()
-                    if code is not None and not self._stopping.is_set():
-                        print(f"ps: worker:{index} ({self.spec['worker'][index]}) exited ({_exit_text(code)}); "
-                              "starting it again", file=sys.stderr, flush=True)
-                        self._start("worker", index)
-                        self.restarts += 1
+        moved its steps to the other workers, finds it there and gives it steps again. One that
+        keeps exiting right after its start (QUICK_EXITS times) would never run a step: that
+        is the run's `failure`."""
+        for index, address in enumerate(self.spec["worker"]):
+            code = self.children["worker", index].poll()
+            if code is None or self._stopping.is_set():
+                continue
+            quick = time.monotonic() - self.started_at["worker", index] < QUICK_EXIT_SECONDS
+            self.quick_exits[index] = self.quick_exits[index] + 1 if quick else 0
+            if self.quick_exits[index] >= QUICK_EXITS:
+                self.failure = RecipeError(
+                    f"worker:{index} ({address}) exited {QUICK_EXITS} times within {QUICK_EXIT_SECONDS} s of "
+                    f"starting (the last: {_exit_text(code)}): see {self._log_path('worker', index)}, fix what it "
+                    "says, then restart the run (--resume goes on from the last checkpoint)")
+                return
+            print(f"ps: worker:{index} ({address}) exited ({_exit_text(code)}); starting it again",
+                  file=sys.stderr, flush=True)
+            self._start("worker", index)
+            self.restarts += 1
 
     def check_servers(self) -> None:
+        """RecipeError if the watcher gave up on a worker, or a parameter server has exited."""
+        if self.failure is not None:
+            raise self.failure
         for index in range(len(self.spec["ps"])):
             code = self.children["ps", index].poll()
             if code is not None:
@@ -176,8 +210,7 @@ class LocalProcesses:
         for (job, index), child in self.children.items():
             if child.poll() is not None:
                 raise RecipeError(f"{job}:{index} of the local cluster exited at start "
-                                  f"({_exit_text(child.returncode)}): "
-                                  f"see {self.log_dir / f'{job}-{index}.log'}")
+                                  f"({_exit_text(child.returncode)}): see {self._log_path(job, index)}")
 
     def stop(self) -> None:
         """Kill every child and reap it (idempotent)."""

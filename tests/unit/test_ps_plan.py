@@ -1,5 +1,6 @@
 """The parameter-server plan's parsing, TF_CONFIG checks and shard helpers (no cluster)."""
 import json
+import shutil
 import socket
 import time
 
@@ -107,6 +108,47 @@ def test_wait_listening_names_the_silent_address():
             with pytest.raises(RecipeError, match=f"no server answers at {silent} \\(ps:1 in TF_CONFIG\\)"):
                 ps_cluster.wait_listening({"chief": [alive], "worker": [alive], "ps": [alive, silent]}, seconds=1)
             assert time.monotonic() - started < 5
+
+
+def local_processes(tmp_path, threads: int, workers: int = 1) -> ps_cluster.LocalProcesses:
+    import portpicker
+    spec = {job: [f"localhost:{portpicker.pick_unused_port()}" for _ in range(count)]
+            for job, count in (("chief", 1), ("worker", workers), ("ps", 1))}
+    return ps_cluster.LocalProcesses(spec, tmp_path, threads)
+
+
+def failure_of(processes: ps_cluster.LocalProcesses, seconds: float = 60) -> str:
+    """The error the chief's check raises, once the watcher has given up (within `seconds`)."""
+    deadline = time.monotonic() + seconds
+    while processes.failure is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    with pytest.raises(RecipeError) as raised:
+        processes.check_servers()
+    return str(raised.value)
+
+
+def test_a_worker_that_keeps_exiting_at_start_ends_the_run(tmp_path):
+    """Real server processes given an argument they refuse (they exit at once): the watcher
+    starts the worker again twice, then gives up with the error the chief raises."""
+    processes = local_processes(tmp_path, threads=-1)
+    try:
+        message = failure_of(processes)
+        assert processes.restarts == ps_cluster.QUICK_EXITS - 1
+    finally:
+        processes.stop()
+    assert message.startswith(f"worker:0 ({processes.spec['worker'][0]}) exited 3 times within"), message
+    assert f"see {tmp_path / 'worker-0.log'}" in message and "takes only --intra_op_threads" in \
+        (tmp_path / "worker-0.log").read_text()
+
+
+def test_an_error_in_the_watcher_ends_the_run(tmp_path):
+    processes = local_processes(tmp_path / "logs", threads=-1)
+    try:
+        shutil.rmtree(tmp_path / "logs")  # the restart cannot open the worker's log
+        message = failure_of(processes)
+    finally:
+        processes.stop()
+    assert message.startswith("the local cluster's watcher failed (FileNotFoundError: "), message
 
 
 def test_shards_round_trip():
