@@ -198,3 +198,28 @@ def test_bad_input_is_one_line(tmp_path, flags, tf_config, message):
     line = last_error_line(stderr)
     assert line.startswith("error: ") and message in line, stderr[-2000:]
     assert not children_of(toy.pid)
+
+
+def test_a_tf_config_cluster_started_by_hand_trains(tmp_path):
+    """As on real hosts (hostfiles/ps.md): each server started on its own from its TF_CONFIG,
+    then the chief with --plan=ps takes the cluster's counts from TF_CONFIG."""
+    cluster = {"chief": [free_address()], "worker": [free_address()], "ps": [free_address(), free_address()]}
+    servers = []
+    try:
+        for job, index in (("ps", 0), ("ps", 1), ("worker", 0)):
+            tf_config = json.dumps({"cluster": cluster, "task": {"type": job, "index": index}})
+            servers.append(subprocess.Popen([sys.executable, "-m", "common.plans.ps", "serve", "--intra_op_threads=1"],
+                                            env={**os.environ, "TF_CONFIG": tf_config, "TF_CPP_MIN_LOG_LEVEL": "2"},
+                                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        chief_config = json.dumps({"cluster": cluster, "task": {"type": "chief", "index": 0}})
+        toy = start_toy(tmp_path, "--steps=50", "--log_every=10", "--plan=ps", env={"TF_CONFIG": chief_config})
+        _, stderr = toy.communicate(timeout=240)
+        assert toy.returncode == 0, stderr[-3000:]
+        assert all(server.poll() is None for server in servers)  # the chief leaves servers it did not start
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["workers"], summary["servers"], summary["steps"]) == (1, 2, 50), summary
+    assert sorted(summary["rows_per_server"]["user_embedding/embeddings"].values()) == [300, 300], summary
