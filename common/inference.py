@@ -68,10 +68,15 @@ def finished_run(dist, out_dir: str | Path) -> Path:
     """`out_dir`, once every rank has found a finished run there; RecipeError on every rank
     otherwise (a collective: no rank goes on to wait for one that stopped)."""
     out_dir = Path(out_dir)
-    missing = [name for name in FINISHED if not (out_dir / name).is_file()]
-    dist.raise_any(f"no finished model in {out_dir} ({' and '.join(FINISHED)}): train first with "
-                   f"--out_dir={out_dir}" if missing else None)
+    dist.raise_any(unfinished(out_dir))
     return out_dir
+
+
+def unfinished(out_dir: Path) -> str | None:
+    """The error line if `out_dir` holds no finished run (a one-process check), else None."""
+    if all((out_dir / name).is_file() for name in FINISHED):
+        return None
+    return f"no finished model in {out_dir} ({' and '.join(FINISHED)}): train first with --out_dir={out_dir}"
 
 
 def load_finished(dist, model, out_dir: Path) -> None:

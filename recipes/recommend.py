@@ -59,7 +59,7 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from common import api  # noqa: E402
+from common import api, inference  # noqa: E402
 from common.data.movielens import Ratings, load_ratings  # noqa: E402
 from common.dist import configure_threads  # noqa: E402
 from common.errors import RecipeError  # noqa: E402
@@ -120,9 +120,9 @@ def held_out_metrics(model, data: Ratings, k: int, spread=lambda outputs_of, row
 def predict(cfg: RecommendConfig) -> None:
     """Print the top-k unseen movies of user `cfg.predict` by the finished run in --out_dir, on one process."""
     out_dir = Path(cfg.out_dir or "runs/recommend")
-    if not (out_dir / "model.npz").is_file() or not (out_dir / "config.json").is_file():
-        raise RecipeError(f"no finished run in {out_dir} (model.npz and config.json): train one there first, "
-                          "or pass the --out_dir of one")
+    unfinished = inference.unfinished(out_dir)
+    if unfinished:
+        raise RecipeError(unfinished)
     trained = api.load_saved(RecommendConfig, out_dir)
     data = data_of(dataclasses.replace(trained, data_dir=cfg.data_dir or trained.data_dir))
     if cfg.predict not in data.user_ids:

@@ -64,7 +64,7 @@ def test_predict_prints_top_k_unseen_titles(two_processes, data_dir, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--predict=99999"], "is not among the 60 users"),
-    (["--predict=1", "--out_dir={empty}"], "no finished run in"),
+    (["--predict=1", "--out_dir={empty}"], "no finished model in"),
 ], ids=["unknown-user", "no-finished-run"])
 def test_predict_bad_input_is_one_clear_line(args, message, two_processes, data_dir, tmp_path):
     args = [arg.format(empty=tmp_path) for arg in args]
