@@ -113,22 +113,31 @@ def train(run, model, optimizer, step: Step, train_data: Sequence[np.ndarray], *
                     config.stall_timeout)
     else:
         steps_to_end()
-    dist = run.dist
     if start < config.steps:
         state.save(ckpt_dir, config.steps, config.keep)
+    report = {"gradient_wire_bytes": step.wire_bytes, "gradient_float32_bytes": step.float32_bytes, **step.report}
+    return finish(run, log, state, model, totals, evaluate=evaluate, export=export, report=report)
+
+
+def finish(run, log: ChiefLog, state: TrainingState, model, totals: Totals, *,
+           evaluate: Callable[[], dict[str, Any]], export: Callable[[Path], None], report: dict[str, Any]
+           ) -> dict[str, Any]:
+    """The end of a run, whatever trained it (this loop, or `common.fit`): evaluate on every
+    process, write the final metrics line and summary.json (the run's figures, `report`, the
+    evaluation), and on the chief model.npz and the export; returns the summary."""
+    config, dist = run.config, run.dist
     results = evaluate()
-    throughput = _throughput(config.global_batch_size, totals)
+    throughput = steady_throughput(config.global_batch_size, totals)
     summary = {"steps": config.steps, "world_size": dist.num_replicas, "final_loss": totals.metrics.get("loss"),
                "parameters_on_chief": sum(int(np.prod(v.shape)) for v in model.trainable_variables),
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "gradient_wire_bytes": step.wire_bytes, "gradient_float32_bytes": step.float32_bytes,
-               **step.report, **throughput, **results}
+               **report, **throughput, **results}
     log.write({"step": config.steps, **results, **throughput, "kind": "final"})
     log.write_json("summary.json", summary)
     weights = state.model_arrays()
     if dist.is_chief:
-        np.savez(out_dir / "model.npz", **weights)
-        export(out_dir)
+        np.savez(run.out_dir / "model.npz", **weights)
+        export(run.out_dir)
     dist.barrier()
     return summary
 
@@ -201,7 +210,7 @@ def held_out_metrics(dist, model, loss_sums, arrays, batch_size: int = 500) -> d
     return {f"test_{key}": value / summed["count"] for key, value in summed.items() if key != "count"}
 
 
-def _throughput(global_batch_size: int, totals: Totals) -> dict[str, float]:
+def steady_throughput(global_batch_size: int, totals: Totals) -> dict[str, float]:
     """Steady-state throughput over all windows but the first (which includes tracing)."""
     if not totals.steps:
         return {}

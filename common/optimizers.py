@@ -18,8 +18,10 @@ def scaled_lr(lr: float, global_batch_size: int, reference_batch: int, rule: str
     return {"none": lr, "linear": lr * ratio, "sqrt": lr * math.sqrt(ratio)}[rule]
 
 
+@keras.saving.register_keras_serializable(package="common")
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up to `peak`, then cosine decay to `peak * final_fraction` at `total_steps`."""
+    """Linear warm-up to `peak`, then cosine decay to `peak * final_fraction` at `total_steps`.
+    Serialisable, so an optimizer on it can be rebuilt from its config (`hvd.DistributedOptimizer`)."""
 
     def __init__(self, peak: float, warmup_steps: int, total_steps: int, final_fraction: float = 0.1):
         self.peak, self.warmup_steps, self.total_steps = peak, warmup_steps, total_steps
@@ -32,6 +34,10 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
         final = self.peak * self.final_fraction
         decayed = final + (self.peak - final) * 0.5 * (1.0 + tf.cos(math.pi * progress))
         return tf.where(step < self.warmup_steps, warm, decayed)
+
+    def get_config(self):
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
+                "final_fraction": self.final_fraction}
 
 
 def make_optimizer(config, name: str = "adam") -> keras.optimizers.Optimizer:
