@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Sequence
 
@@ -51,10 +52,22 @@ class Group:
         return list(hvd.grouped_allreduce(list(tensors), op=hvd.Sum, process_set=self.process_set, name=name))
 
     def max(self, tensor: tf.Tensor) -> tf.Tensor:
-        if self.size == 1:
+        return self.reduce(tensor, "max")
+
+    def reduce(self, tensor: tf.Tensor, op: str) -> tf.Tensor:
+        """`tensor` reduced element-wise over the group by `op`: sum, min, max or product."""
+        if self.size == 1 and not self.elastic:
             return tensor
         import horovod.tensorflow as hvd
-        return hvd.allreduce(tensor, op=hvd.Max, process_set=self.process_set)
+        horovod_op = {"sum": hvd.Sum, "min": hvd.Min, "max": hvd.Max, "product": hvd.Product}[op]
+        return hvd.allreduce(tensor, op=horovod_op, process_set=self.process_set)
+
+    def live_size(self) -> tf.Tensor | int:
+        """The group's size when a step runs: an elastic world's changes under a traced step."""
+        if not self.elastic:
+            return self.size
+        import horovod.tensorflow as hvd
+        return hvd.size_op()
 
     def gather(self, tensor: tf.Tensor) -> tf.Tensor:
         """The members' tensors concatenated along axis 0, in group order."""
@@ -80,12 +93,12 @@ class Group:
             return tensor
         return self.sum([tensor if self.index == root else tf.zeros_like(tensor)])[0]
 
-    def broadcast_variables(self, variables: Sequence[Any]) -> None:
-        """Give the group the values of its first member, in one collective over a flat float64
-        buffer (exact for float32 values and integer counters alike)."""
+    def broadcast_variables(self, variables: Sequence[Any], root: int = 0) -> None:
+        """Give the group the values of member `root` (the first by default), in one collective
+        over a flat float64 buffer (exact for float32 values and integer counters alike)."""
         if self.size == 1 or not variables:
             return
-        flat = self.broadcast(tf.concat([tf.reshape(tf.cast(v, tf.float64), [-1]) for v in variables], 0))
+        flat = self.broadcast(tf.concat([tf.reshape(tf.cast(v, tf.float64), [-1]) for v in variables], 0), root)
         for v, part in zip(variables, tf.split(flat, [int(np.prod(v.shape)) for v in variables])):
             v.assign(tf.cast(tf.reshape(part, v.shape), v.dtype))
 
@@ -101,7 +114,7 @@ class ReplicaGroup:
         context = tf.distribute.get_replica_context()
         return list(context.all_reduce(tf.distribute.ReduceOp.SUM, list(tensors)))
 
-    def broadcast_variables(self, variables: Sequence[Any]) -> None:
+    def broadcast_variables(self, variables: Sequence[Any], root: int = 0) -> None:
         pass
 
 
@@ -165,12 +178,12 @@ class Dist:
         if message:
             raise RecipeError(message)
 
-    def broadcast_object(self, obj: Any) -> Any:
-        """The chief's `obj` (picklable) on every process."""
+    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
+        """Process `root`'s `obj` (picklable; the chief's by default) on every process."""
         if self.num_processes == 1:
             return obj
         import horovod.tensorflow as hvd
-        return hvd.broadcast_object(obj, root_rank=0)
+        return hvd.broadcast_object(obj, root_rank=root)
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every process's `obj`, in rank order, on every process (host-side, picklable)."""
@@ -320,6 +333,18 @@ def init(backend: str, plan: Plan, *, seed: int, deterministic: bool, intra_op_t
     return dist
 
 
+def init_for_script(stall_timeout: int = 0) -> Dist:
+    """Start Horovod for a user's own script (`common.hvd`): the plain data plan over every
+    process, GPUs pinned by local rank; threads, seeds and determinism stay the script's."""
+    return _init_horovod(Plan(), True, stall_timeout)
+
+
+def host_layout() -> tuple[int, int, int]:
+    """(processes on this host, this host's index, hosts) of a started Horovod job."""
+    import horovod.tensorflow as hvd
+    return hvd.local_size(), hvd.cross_rank(), hvd.cross_size()
+
+
 # ------------------------------------------------------------------ Horovod Elastic (Gloo)
 def run_elastic(body: Callable[[Callable[[], None]], Any], variables: Sequence[Any],
                 on_reset: Callable[[Dist], None], dist: Dist, stall_timeout: int) -> Any:
@@ -330,35 +355,65 @@ def run_elastic(body: Callable[[Callable[[], None]], Any], variables: Sequence[A
     starts from that commit. Then rank 0 gives every worker (a new one too) its variables and
     `body` runs again from the restored step. The stall watchdog stops at a reset and watches
     the new ring after it; a worker that freezes (rather than dies) still ends the job, as
-    Horovod Elastic would wait for it.
+    Horovod Elastic would wait for it."""
+    state = elastic_state(lambda: variables)
+    run = elastic_runner(lambda committed: body(committed.commit), on_reset, dist.data.grouped, stall_timeout)
+    return run(state)
+
+
+def elastic_state(variables: Callable[[], Sequence[Any]], **objects: Any) -> Any:
+    """A Horovod Elastic state of `variables()` and of picklable `objects` (its attributes, e.g.
+    epoch and batch): `commit()` saves both to host memory, a failure takes the last commit
+    back, a sync gives every worker rank 0's. `variables` is called at each of these, so the
+    list may grow (an optimizer's slots, once it is built) if it does so on every worker alike.
 
     The state is built here on the variables themselves: Horovod's Keras state fails on Keras 3
     variables, and its TensorFlow state broadcasts in eager mode only when it is built, so a
     worker that joins later would start from its own initial weights."""
+    return _committed_variables_class()(variables, **objects)
+
+
+@functools.lru_cache(maxsize=None)
+def _committed_variables_class() -> type:
     import horovod.tensorflow as hvd
-    from horovod.common.elastic import ObjectState, run_fn
-    from horovod.common.exceptions import HorovodInternalError
+    from horovod.common.elastic import ObjectState
 
     class CommittedVariables(ObjectState):
-        def __init__(self):
-            super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank)
+        def __init__(self, variables: Callable[[], Sequence[Any]], **objects: Any):
+            self.variables = variables
+            super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank, **objects)
             self.save()
 
         def save(self):
-            self.values = [np.array(v) for v in variables]
+            self.committed_values = [np.array(v) for v in self.variables()]
+            super().save()
 
         def restore(self):
-            for v, value in zip(variables, self.values):
+            for v, value in zip(self.variables(), self.committed_values):
                 v.assign(value)
+            super().restore()
 
         def sync(self):
             world = Group(tuple(range(hvd.size())), hvd.rank(), hvd.global_process_set, elastic=True)
-            world.broadcast_variables(variables)
+            world.broadcast_variables(list(self.variables()))
+            super().sync()
             self.save()
 
-    def body_failing_as_horovod(state):
+    return CommittedVariables
+
+
+def elastic_runner(func: Callable[..., Any], on_reset: Callable[[Dist], None], grouped_allreduce: bool,
+                   stall_timeout: int) -> Callable[..., Any]:
+    """`func(state, ...)` run under Horovod Elastic (`state` from `elastic_state`), again from
+    the restored or synced state after each reset; `on_reset(new_dist)` runs once the new ring
+    is up, before the state's own reset callbacks."""
+    import horovod.tensorflow as hvd
+    from horovod.common.elastic import run_fn
+    from horovod.common.exceptions import HorovodInternalError
+
+    def func_failing_as_horovod(state, *args, **kwargs):
         try:
-            return body(state.commit)
+            return func(state, *args, **kwargs)
         except tf.errors.OpError as error:  # a collective that lost a peer
             if "horovod" not in str(error).lower():
                 raise
@@ -368,13 +423,9 @@ def run_elastic(body: Callable[[Callable[[], None]], Any], variables: Sequence[A
         watchdog.stop()  # before the ring re-forms, which may take longer than the timeout
         hvd.shutdown()
         hvd.init()
-
-    def rejoin():
-        new_dist = _horovod_dist(build_mesh(Plan(), hvd.size()), dist.data.grouped, True)
+        new_dist = _horovod_dist(build_mesh(Plan(), hvd.size()), grouped_allreduce, True)
         # A collective: a worker that joins takes part in it as it starts (`init`).
         watchdog.start(new_dist.process_rank, new_dist.num_processes, new_dist.gather_objects, stall_timeout)
         on_reset(new_dist)
 
-    state = CommittedVariables()
-    state.register_reset_callbacks([rejoin])
-    return run_fn(body_failing_as_horovod, reset)(state)
+    return run_fn(func_failing_as_horovod, reset)
