@@ -155,9 +155,9 @@ class CausalLM(keras.Model):
 
     first = last = True
 
-    def __init__(self, size: TransformerSize, group: Group, source_len: int, **kwargs):
+    def __init__(self, size: TransformerSize, group: Group, source_len: int, recompute: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.size, self.group, self.source_len = size, group, source_len
+        self.size, self.group, self.source_len, self.recompute = size, group, source_len, recompute
         self.embedding = VocabParallelEmbedding(size.vocab_size, size.width, group, name="embedding")
         self.positions = keras.layers.Embedding(size.max_len, size.width, name="positions")
         self.blocks = [Block(size, group, cross=False, name=f"block_{i}") for i in range(size.layers)]
@@ -189,6 +189,7 @@ class LMStage(keras.Model):
     def __init__(self, lm: CausalLM, blocks: range, first: bool, last: bool, **kwargs):
         super().__init__(**kwargs)
         self.size, self.group, self.source_len = lm.size, lm.group, lm.source_len
+        self.recompute = False  # the pipeline plan recomputes whole stages (`plans.pipeline`)
         self.first, self.last = first, last
         self.embedding, self.positions, self.drop = (lm.embedding, lm.positions, lm.drop) if first else (None,) * 3
         self.final_norm, self.logits = (lm.final_norm, lm.logits) if last else (None, None)
@@ -202,15 +203,65 @@ class LMStage(keras.Model):
 def lm_forward(part, batch, x, training):
     """Run a CausalLM or one stage of it on a (document, summary) batch. The model reads
     [document; summary without its last token] (every stage needs the ids for the mask); `x`
-    is the previous stage's output (None on the first stage). Returns activations, or on the
-    last stage the logits of the summary positions."""
+    is the previous stage's output (None on the first stage). Returns activations in float32
+    (what pipeline stages send), or on the last stage the float32 logits of the summary
+    positions (under a bfloat16 dtype policy the blocks compute in bfloat16, the loss does not)."""
     source, target = batch
     ids = tf.concat([source, target[:, :-1]], axis=1)
     if part.first:
         x = embed(part, ids, training)
     mask = padding_mask(ids, ids, causal=True)
     for block in part.blocks:
-        x = block(x, mask, training=training)
+        x = recomputed(block, mask, training)(x) if part.recompute and training else block(x, mask, training=training)
     if part.last:
-        x = part.logits(part.final_norm(x[:, part.source_len:]))
-    return x
+        return tf.cast(part.logits(part.final_norm(x[:, part.source_len:])), tf.float32)
+    return tf.cast(x, tf.float32)
+
+
+def recomputed(block: Block, mask: tf.Tensor, training: bool):
+    """`block` on one input, keeping none of its inner activations for the backward pass, which
+    runs its forward again (`tf.recompute_grad`): a block's memory is then its input alone. The
+    forward draws new dropout masks when it runs again: use it without dropout."""
+    return tf.recompute_grad(lambda x: block(x, mask, training=training))
+
+
+def sequence_loss_sums(logits, labels, group: Group) -> tf.Tensor:
+    """Per row, the summed token cross-entropy over the non-padding labels, from logits whose
+    vocabulary is split over `group` (held-out perplexity: exp of the total over the count)."""
+    losses, _ = vocab_parallel_cross_entropy(logits, labels, group)
+    return tf.reduce_sum(losses * tf.cast(labels != 0, losses.dtype), axis=-1)
+
+
+def sample_next(logits: tf.Tensor, group: Group, noise: np.ndarray, temperature: float, top_k: int) -> tf.Tensor:
+    """Sampled ids, one per row, from vocabulary-split logits [rows, local vocabulary]: the
+    Gumbel-max trick (argmax of logits / temperature + Gumbel noise is a draw from the
+    softmax), among the `top_k` largest logits of the whole vocabulary (0: all). `noise`
+    [rows, full vocabulary] is the same on every rank, so every plan draws the same ids."""
+    local = logits.shape[-1]
+    scaled = logits / temperature + noise[:, group.index * local:(group.index + 1) * local]
+    if top_k:
+        # Every rank's top-k, gathered: the k-th largest of them is the whole vocabulary's.
+        candidates = tf.transpose(group.gather(tf.transpose(tf.math.top_k(logits, min(top_k, local)).values)))
+        threshold = tf.math.top_k(candidates, top_k).values[:, -1:]
+        scaled = tf.where(logits >= threshold, scaled, tf.constant(-np.inf, scaled.dtype))
+    return vocab_parallel_argmax(scaled, group)
+
+
+def sample_continuations(forward, size: TransformerSize, group: Group, prompts: np.ndarray, length: int, *,
+                         temperature: float, top_k: int, seed: int) -> list[list[int]]:
+    """`length` ids sampled after each prompt row (`sample_next`), through `forward(batch, head)`
+    of the plan (`plans.pipeline.make_forward`) on (empty prefix, tokens) batches of a CausalLM
+    of `size` whose source is empty; every rank of a tensor or pipeline group calls it alike.
+    The draws depend on `seed` only. Returns each row's sampled ids."""
+    rows, prompt_len = prompts.shape
+    if prompt_len + length > size.max_len:
+        raise ValueError(f"{prompt_len} prompt and {length} sampled ids exceed the model's {size.max_len} positions")
+    tokens = np.zeros((rows, size.max_len + 1), np.int32)  # the pipeline's activations have the full length
+    tokens[:, :prompt_len] = prompts
+    prefix, generator = tf.zeros((rows, 0), tf.int32), np.random.default_rng(seed)
+    for t in range(prompt_len - 1, prompt_len - 1 + length):
+        noise = tf.constant(generator.gumbel(size=(rows, size.vocab_size)), tf.float32)
+        next_ids = forward((prefix, tf.constant(tokens)),
+                           lambda logits: sample_next(logits[:, t], group, noise, temperature, top_k))
+        tokens[:, t + 1] = next_ids.numpy()
+    return [list(row[prompt_len:prompt_len + length]) for row in tokens]

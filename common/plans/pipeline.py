@@ -219,19 +219,19 @@ def _global_metrics(dist, runner: PipelineRunner, totals: dict, names: list[str]
 
 
 def make_forward(run, model) -> Callable[[Any, Callable], tf.Tensor]:
-    """`forward(batch, head)` for inference under any plan: `head` maps the model's output (the
-    last stage's, under a pipeline plan) to one int32 per row, such as a next token id, which
-    every rank of the pipeline then gets. All ranks of a tensor or pipeline group call it on
-    the same batch together."""
+    """`forward(batch, head, dtype=tf.int32)` for inference under any plan: `head` maps the
+    model's output (the last stage's, under a pipeline plan) to one value of `dtype` per row,
+    such as a next token id or a row's loss, which every rank of the pipeline then gets. All
+    ranks of a tensor or pipeline group call it on the same batch together."""
     if run.dist.pipeline.size == 1:
         compiled = tf.function(lambda batch: model(batch))
-        return lambda batch, head: head(compiled(batch))
+        return lambda batch, head, dtype=tf.int32: head(compiled(batch))
     runner = PipelineRunner(run.dist, model)
 
-    def forward(batch, head):
+    def forward(batch, head, dtype=tf.int32):
         output = runner.infer(batch)
         rows = tf.nest.flatten(batch)[0].shape[0]
-        ids = head(output) if runner.is_last else tf.zeros(rows, tf.int32)
+        ids = head(output) if runner.is_last else tf.zeros(rows, dtype)
         return run.dist.pipeline.broadcast(ids, root=runner.stages - 1)
 
     return forward
