@@ -62,7 +62,7 @@ def check_source(wordnet_dir: str) -> None:
                         "Debian package wordnet-base (apt-get install wordnet-base) or run scripts/setup.sh")
 
 
-def _whole_word(word: str) -> re.Pattern:
+def whole_word(word: str) -> re.Pattern:
     return re.compile(rf"(?<![\w-]){re.escape(word)}(?![\w-])", re.IGNORECASE)
 
 
@@ -81,7 +81,7 @@ def parse_synset(line: str, pos: str) -> Item | None:
         return None
     for example in examples:
         for word in words:
-            if _whole_word(word).search(example):
+            if word.lower() in example.lower() and whole_word(word).search(example):
                 return Item(f"{pos}:{fields[0]}", f"{pos}.{fields[1]}", word, gloss, example)
     return None
 
@@ -128,7 +128,7 @@ def entry(item: Item) -> str:
 
 
 def question(item: Item) -> str:
-    return f'Which word fills the blank in "{_whole_word(item.word).sub(BLANK, item.example)}"?'
+    return f'Which word fills the blank in "{whole_word(item.word).sub(BLANK, item.example)}"?'
 
 
 def examples_of(group: list[Item]) -> Iterator[dict]:
@@ -141,9 +141,9 @@ def examples_of(group: list[Item]) -> Iterator[dict]:
                "answers": {"text": [item.word], "answer_start": [int(start)]}}
 
 
-def split_examples(wordnet_dir: str, debug: bool) -> dict[str, list[dict]]:
-    """The train and test examples; with `debug`, the first DEBUG_TRAIN and DEBUG_TEST of each."""
-    items = read_items(wordnet_dir)
+def split_examples(items: list[Item], debug: bool) -> dict[str, list[dict]]:
+    """The train and test examples of the items; with `debug`, DEBUG_TRAIN and DEBUG_TEST of
+    them, chosen by a hash of their passage."""
     splits = {"train": [item for item in items if not is_test(item)], "test": [item for item in items if is_test(item)]}
     examples = {split: [example for group in passages(chosen) for example in examples_of(group)]
                 for split, chosen in splits.items()}
@@ -185,7 +185,7 @@ class WordnetCloze(tfds.core.GeneratorBasedBuilder):
         del dl_manager  # everything is read from the local WordNet files
         check_source(self._wordnet_dir)
         return {split: self._generate_examples(rows)
-                for split, rows in split_examples(self._wordnet_dir, self.builder_config.name == "debug").items()}
+                for split, rows in split_examples(read_items(self._wordnet_dir), self.builder_config.name == "debug").items()}
 
     def _generate_examples(self, rows):
         for number, row in enumerate(rows):
