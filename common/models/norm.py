@@ -1,12 +1,12 @@
 """Batch normalisation for Keras 3 on TensorFlow: fast (TensorFlow's fused kernel) and
 synchronised (the global batch's statistics over a Horovod group).
 
-Keras 3's `BatchNormalization` computes its training-mode statistics with generic ops, whose
-backward pass costs about three times that of TensorFlow's fused kernel on CPU (README:
-Benchmarks). `FusedBatchNormalization` is the same layer (arguments, weights, moving averages,
-inference) with the fused kernel in training mode; `use_fused_batch_norm` swaps it into an
-existing model. `SyncBatchNormalization` normalises each shard with the mean and variance of
-the batch of all members of a group, one all-reduce per layer and step.
+Keras 3's `BatchNormalization` computes its training-mode statistics with generic ops, several
+times slower forward and backward than TensorFlow's fused kernel on CPU.
+`FusedBatchNormalization` is the same layer (arguments, weights, moving averages, inference)
+with the fused kernel in training mode; `use_fused_batch_norm` swaps it into an existing model.
+`SyncBatchNormalization` normalises each shard with the mean and variance of the batch of all
+members of a group, one all-reduce per layer and step.
 """
 from __future__ import annotations
 
@@ -98,6 +98,8 @@ def use_fused_batch_norm(model: keras.Model) -> keras.Model:
     `FusedBatchNormalization` directly."""
 
     def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
+        if isinstance(layer, SyncBatchNormalization):
+            return SyncBatchNormalization(layer.group, **layer.get_config())
         cls = FusedBatchNormalization if type(layer) is keras.layers.BatchNormalization else type(layer)
         return cls.from_config(layer.get_config())
 
@@ -106,6 +108,7 @@ def use_fused_batch_norm(model: keras.Model) -> keras.Model:
     return fused
 
 
+@keras.saving.register_keras_serializable(package="common", name="SyncBatchNormalization")
 @_named_as_keras
 class SyncBatchNormalization(FusedBatchNormalization):
     """Batch normalisation with the statistics of the global batch: in training mode each
@@ -121,8 +124,9 @@ class SyncBatchNormalization(FusedBatchNormalization):
     The variance is E[x^2] - E[x]^2 (one collective rather than two), as Keras's own
     `synchronized=True` computes it. Other arguments are `keras.layers.BatchNormalization`'s;
     `renorm`, `synchronized` (MirroredStrategy's replicas: Keras's own) and masks are not
-    served. The group is a live object: the layer is not restored from its config alone
-    (save and load weights)."""
+    served. The group is a live object of the job: restored from a config alone (a `.keras`
+    file's `load_model`, `clone_model`) the layer is a `FusedBatchNormalization` with the same
+    weights, fit for inference or one process (`use_fused_batch_norm` keeps it synchronised)."""
 
     def __init__(self, group: dist_lib.Group, **kwargs):
         _check_group(group)
@@ -132,6 +136,10 @@ class SyncBatchNormalization(FusedBatchNormalization):
                               "MirroredStrategy)")
         super().__init__(**kwargs)
         self.group = group
+
+    @classmethod
+    def from_config(cls, config):
+        return FusedBatchNormalization.from_config(config)
 
     def call(self, inputs, training=None, mask=None):
         synchronised = self.group.size > 1 or self.group.elastic

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from common.dist import Group
 from common.errors import ConfigError
 from common.models.norm import FusedBatchNormalization, SyncBatchNormalization, use_fused_batch_norm
 from tests.unit.one_process import ALONE, MIRRORED
@@ -197,3 +198,23 @@ def test_sync_layer_rejects_renorm_and_synchronized():
     for flag in ("renorm", "synchronized"):
         with pytest.raises(ConfigError, match="drop those arguments"):
             SyncBatchNormalization(ALONE, **{flag: True})
+
+
+def _model_with_sync_layer(group) -> keras.Model:
+    inputs = keras.Input((4,))
+    return keras.Model(inputs, SyncBatchNormalization(group, momentum=0.5)(keras.layers.Dense(3)(inputs)))
+
+
+def test_a_saved_sync_layer_loads_as_the_fused_layer(tmp_path):
+    model = _trained(_model_with_sync_layer(ALONE))
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    assert [type(layer) for layer in loaded.layers[1:]] == [keras.layers.Dense, FusedBatchNormalization]
+    _assert_close(loaded.get_weights(), model.get_weights())
+
+
+def test_swap_keeps_sync_layers_and_their_group():
+    group = Group((0,), 0, grouped=False)
+    fused = use_fused_batch_norm(_trained(_model_with_sync_layer(group)))
+    sync = fused.layers[-1]
+    assert type(sync) is SyncBatchNormalization and sync.group is group and sync.momentum == 0.5
