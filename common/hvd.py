@@ -281,7 +281,7 @@ class _DistributedApply:
         super().build(variables)
         if self.backward_passes_per_step > 1:
             self.gradient_sums = [self.add_variable_from_reference(v, name="gradient_sum") for v in variables]
-            self.gradient_sum_index = {v.path: index for index, v in enumerate(variables)}
+            self.gradient_sum_index = {id(v): index for index, v in enumerate(variables)}
             self.passes_counted = self.add_variable(shape=(), dtype="int64", name="passes_counted")
 
     def apply(self, grads, trainable_variables=None):
@@ -296,7 +296,7 @@ class _DistributedApply:
         return self._accumulate(grads, variables, super().apply)
 
     def _accumulate(self, grads, variables, apply_reduced: Callable) -> None:
-        sums = [self.gradient_sums[self.gradient_sum_index[v.path]] for v in variables]
+        sums = [self.gradient_sums[self.gradient_sum_index[id(v)]] for v in variables]
         for gradient_sum, grad in zip(sums, grads):
             if grad is not None:
                 gradient_sum.assign_add(tf.convert_to_tensor(grad))
@@ -371,13 +371,13 @@ class DistributedGradientTape:
         return self.tape.__exit__(*exc_info)
 
 
-def SyncBatchNormalization(*args, **kwargs) -> keras.layers.Layer:
+def SyncBatchNormalization(**kwargs) -> keras.layers.Layer:
     """Batch normalisation whose statistics are those of the global batch (every process's)."""
     try:
         from common.models.norm import SyncBatchNormalization as layer
     except ImportError as error:
         raise HvdError(f"SyncBatchNormalization is not available ({error}): update the project") from None
-    return layer(*args, group=_group(), **kwargs)
+    return layer(group=_group(), **kwargs)
 
 
 # ------------------------------------------------------------------ callbacks
