@@ -3,6 +3,7 @@
 
 The conversations ship in the PyPI package `chitchat-dataset`, so the recipe trains without
 network. A turn is one person's consecutive messages, joined by spaces, whitespace normalised.
+(3,150 conversations hold one person's turn only, unanswered: they give no pair.)
 Every turn after a conversation's first is a response; its context is the CONTEXT_TURNS turns
 before it (fewer at the start), stored newline-separated, oldest first. The held-out split is
 chosen by a hash of the conversation's id, so the test conversations are unseen in training.
@@ -31,14 +32,20 @@ TURN_SEPARATOR = "\n"
 FEATURES = ("context", "response")
 
 
-def conversations() -> dict:
-    """{conversation id: its turns as texts}, in sorted id order; DataError if the package is missing."""
+def check_installed():
+    """The chitchat_dataset module; DataError if the package is missing (each rank checks by itself)."""
     try:
         import chitchat_dataset
     except ImportError:
         raise DataError("the conversations come from the PyPI package chitchat-dataset: "
                         "pip install chitchat-dataset (or run scripts/setup.sh)") from None
-    return {key: turns_of(conversation["messages"]) for key, conversation in sorted(chitchat_dataset.Dataset().items())}
+    return chitchat_dataset
+
+
+def conversations() -> dict:
+    """{conversation id: its turns as texts}, in sorted id order."""
+    data = check_installed().Dataset()
+    return {key: turns_of(conversation["messages"]) for key, conversation in sorted(data.items())}
 
 
 def turns_of(messages: list[list[dict]]) -> list[str]:
@@ -94,7 +101,7 @@ class ChitchatConversations(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # Everything is in the installed package.
-        turns = conversations()
+        turns = {key: turns for key, turns in conversations().items() if len(turns) > 1}  # others hold no pair
         return {name: self._generate_examples({key: turns[key] for key in ids})
                 for name, ids in split_ids(turns, self.builder_config.name == "debug").items()}
 
@@ -146,6 +153,8 @@ def load_dialogue(*, data_dir: str, dataset: str | None, debug: bool, context_le
     """The embedded conversations (its debug config if `debug`) when `dataset` is None, else a
     prepared TFDS set with `context` (newline-separated turns) and `response` text features.
     The subword model is learned from the training responses; `max_test` keeps the first test pairs."""
+    if dataset is None:
+        check_installed()  # before the build lock: every rank fails at once
     builder, tokenizer_dir = open_builder(data_dir, dataset, ChitchatConversations, "debug" if debug else "full")
     if not set(FEATURES) <= set(builder.info.features.keys()):
         raise DataError(f"TFDS dataset {dataset!r} has no context and response features: pass a dialogue "
