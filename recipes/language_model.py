@@ -23,12 +23,12 @@ from common.mesh import parse_plan
 
 @dataclasses.dataclass(frozen=True)
 class LanguageModelConfig(TransformerConfig):
-    steps: int = flag(3000, "optimizer steps to train")
+    steps: int = flag(1200, "optimizer steps to train")
     global_batch_size: int = flag(32, "rows of --seq_len tokens per optimizer step, over all ranks")
     lr: float = flag(2e-3, "peak learning rate")
     warmup_steps: int = flag(100, "linear learning-rate warm-up steps")
     log_every: int = flag(100, "steps between metrics lines")
-    checkpoint_every: int = flag(1000, "steps between checkpoints; 0 = only at the end")
+    checkpoint_every: int = flag(400, "steps between checkpoints; 0 = only at the end")
     layers: int = flag(4, "Transformer blocks (what pipeline stages divide)")
     seq_len: int = flag(128, "tokens a row of training text holds (the model's context)")
     precision: str = flag("fp32", "fp32, or bf16: bfloat16 compute, float32 weights, optimizer state and loss",

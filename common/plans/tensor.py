@@ -23,13 +23,21 @@ import tensorflow as tf
 from common.dist import Group
 
 
+def summed(x: tf.Tensor, group: Group) -> tf.Tensor:
+    """`x` summed over `group`; bfloat16 (mixed precision) is summed in float32, as Horovod's
+    collectives take no bfloat16."""
+    if x.dtype == tf.bfloat16:
+        return tf.cast(group.sum([tf.cast(x, tf.float32)])[0], tf.bfloat16)
+    return group.sum([x])[0]
+
+
 def copy_to_group(x: tf.Tensor, group: Group) -> tf.Tensor:
     if group.size == 1:
         return x
 
     @tf.custom_gradient
     def forward(x):
-        return tf.identity(x), lambda dy: group.sum([dy])[0]
+        return tf.identity(x), lambda dy: summed(dy, group)
 
     return forward(x)
 
@@ -40,7 +48,7 @@ def sum_over_group(x: tf.Tensor, group: Group) -> tf.Tensor:
 
     @tf.custom_gradient
     def forward(x):
-        return group.sum([x])[0], tf.identity
+        return summed(x, group), tf.identity
 
     return forward(x)
 
