@@ -4,6 +4,7 @@
     python bench/synthetic.py --mode=keras                        # plain Keras 3, no Horovod
     python bench/synthetic.py --mode=mirrored                     # MirroredStrategy, 2 logical CPUs
     TF_CONFIG='{...}' python bench/synthetic.py --mode=multiworker  # once per worker (bench/peers.py)
+    horovodrun -np 2 python bench/synthetic.py --mode=fit --fused-bn  # model.fit through common.hvd
 
 A keras.applications model (weights=None) trains on one fixed batch of random images, so only
 compute and communication are measured. Every mode runs the same model, loss (softmax
@@ -11,11 +12,16 @@ cross-entropy), optimizer (SGD) and batch per replica, from a `tf.data` iterator
 - `horovod`: the project's path, `common.api.make_step` on the data plan.
 - `keras`: the minimal Keras 3 step (tape, mean loss, `optimizer.apply`) in a `tf.function`; the
   reference for the plan's own overhead. (`fit` adds its own loop, callbacks and metrics.)
+- `fit`: a user's Keras script on `common.hvd`: `compile` with `hvd.DistributedOptimizer`,
+  `BroadcastGlobalVariablesCallback(0)`, `model.fit` on the batches, one epoch per timed
+  iteration (so the fit loop's own per-step and per-epoch work is timed too).
 - `mirrored` / `multiworker`: the custom training loop tf.distribute documents for Keras 3:
   `strategy.run` on batches from `distribute_datasets_from_function`, the optimizer all-reducing
   in replica context. (`fit` on a dataset of tensors fails under MultiWorkerMirroredStrategy.)
-Each replica gets `--intra-op-threads` TensorFlow threads. Prints images/s per iteration and per
-process as Horovod's benchmark does; `--result` also writes them as JSON (one file per process).
+`--fused-bn` swaps every `BatchNormalization` for `common.models.norm`'s fused-kernel layer
+(`use_fused_batch_norm`). Each replica gets `--intra-op-threads` TensorFlow threads. Prints
+images/s per iteration and per process as Horovod's benchmark does; `--result` also writes them
+as JSON (one file per process).
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ import tensorflow as tf  # noqa: E402
 
 from common.dist import configure_threads  # noqa: E402
 
-MODES = ("horovod", "keras", "mirrored", "multiworker")
+MODES = ("horovod", "keras", "fit", "mirrored", "multiworker")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="images per replica per step")
     parser.add_argument("--image-size", type=int, default=96, help="square input side, in pixels")
     parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--fused-bn", action="store_true",
+                        help="batch normalisation in TensorFlow's fused kernel (common.models.norm)")
     parser.add_argument("--num-warmup-batches", type=int, default=10, help="steps before timing")
     parser.add_argument("--num-batches-per-iter", type=int, default=10, help="steps per timed iteration")
     parser.add_argument("--num-iters", type=int, default=10, help="timed iterations")
@@ -61,8 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_model(options):
     import keras
     builder = getattr(keras.applications, options.model)
-    return builder(weights=None, input_shape=(options.image_size, options.image_size, 3),
-                   classes=options.num_classes, classifier_activation=None)
+    model = builder(weights=None, input_shape=(options.image_size, options.image_size, 3),
+                    classes=options.num_classes, classifier_activation=None)
+    if options.fused_bn:
+        from common.models.norm import use_fused_batch_norm
+        model = use_fused_batch_norm(model)
+    return model
 
 
 def synthetic_batch(options) -> tuple[tf.Tensor, tf.Tensor]:
@@ -127,6 +139,35 @@ def plain_keras(options) -> tuple[Callable[[], tf.Tensor], int, int]:
 
     batches = repeated(synthetic_batch(options))
     return (lambda: train_step(next(batches))), 0, 1
+
+
+def fit_images_per_sec(options) -> tuple[list[float], int]:
+    """The same model trained by `model.fit` through common.hvd, as a user's Keras script does:
+    a warm-up `fit`, then one `fit` of `--num-iters` epochs of `--num-batches-per-iter` steps,
+    each epoch timed. Returns images/s per epoch and the process rank."""
+    import keras
+    from common import hvd
+    hvd.init()
+    keras.utils.set_random_seed(options.seed)
+    model = build_model(options)
+    model.compile(optimizer=hvd.DistributedOptimizer(make_optimizer()),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    dataset = tf.data.Dataset.from_tensors(synthetic_batch(options)).repeat()
+    model.fit(dataset, steps_per_epoch=options.num_warmup_batches, epochs=1, verbose=0,
+              callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0)])
+    seconds = []
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            float(logs["loss"])  # the epoch's last step has finished
+            seconds.append(time.perf_counter() - self.start)
+
+    model.fit(dataset, steps_per_epoch=options.num_batches_per_iter, epochs=options.num_iters, verbose=0,
+              callbacks=[EpochTimer()])
+    return [options.batch_size * options.num_batches_per_iter / took for took in seconds], hvd.rank()
 
 
 def strategy_loop(strategy: tf.distribute.Strategy, options) -> Callable[[], tf.Tensor]:
@@ -196,8 +237,11 @@ def main(argv=None) -> None:
     options = parse_args(argv)
     replicas_here = options.mirrored_devices if options.mode == "mirrored" else 1
     configure_threads(options.intra_op_threads * replicas_here)
-    step, rank, replicas = BUILDERS[options.mode](options)
-    rates = images_per_sec(step, options.batch_size * replicas, options)
+    if options.mode == "fit":
+        (rates, rank), replicas = fit_images_per_sec(options), 1
+    else:
+        step, rank, replicas = BUILDERS[options.mode](options)
+        rates = images_per_sec(step, options.batch_size * replicas, options)
     mean, spread = float(np.mean(rates)), 1.96 * float(np.std(rates))
     print(f"[{options.mode} rank {rank}] {options.model} {options.image_size}px, batch {options.batch_size} "
           f"x {replicas} replica(s): {mean:.1f} +- {spread:.1f} img/sec", flush=True)
