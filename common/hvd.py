@@ -265,8 +265,8 @@ def _averaging(compression: type[Compressor], op: str | None, gradient_predivide
 class _DistributedApply:
     """Mixed in before a Keras 3 optimizer's class: `apply()` reduces the gradients over the
     processes first. With `backward_passes_per_step` N > 1, each call adds the gradients to
-    this process's sums (optimizer variables, so checkpoints and broadcasts carry them), and
-    every N-th call reduces the sums (divided by N if `average_aggregated_gradients`) and
+    this process's sums (optimizer variables, so checkpoints and broadcasts carry them, with
+    `passes_counted`, the passes since the last update), and every N-th call reduces the sums (divided by N if `average_aggregated_gradients`) and
     applies them; `iterations` counts every call, as Horovod's does."""
 
     averaging: _Averaging
@@ -308,11 +308,12 @@ class _DistributedApply:
             apply_reduced(self.averaging.reduce(summed, variables), variables)
             for gradient_sum in sums:
                 gradient_sum.assign(tf.zeros_like(gradient_sum))
+            self.passes_counted.assign(0)
 
         def count_the_pass():
             self.iterations.assign_add(1)
 
-        tf.cond(self.passes_counted % self.backward_passes_per_step == 0, reduce_and_apply, count_the_pass)
+        tf.cond(self.passes_counted == self.backward_passes_per_step, reduce_and_apply, count_the_pass)
 
 
 def DistributedOptimizer(optimizer: keras.optimizers.Optimizer, name: str | None = None,
