@@ -45,7 +45,8 @@ def held_out_inputs(folder: Path, sentences: int, images: int) -> dict[str, Path
     from recipes.translate import TranslateConfig
     data_dir = str(Path.home() / "tensorflow_datasets")
     text = load_translation(data_dir=data_dir, dataset=None, debug=False, max_len=TranslateConfig.max_len,
-                            vocab_size=TranslateConfig.vocab_size).test_src_text[:sentences]
+                            vocab_size=TranslateConfig.vocab_size,
+                            corpus=TranslateConfig.corpus).test_src_text[:sentences]
     lines = folder / "sentences.txt"
     lines.write_text("".join(line.replace("\n", " ") + "\n" for line in text))
     pictures = folder / "images"

@@ -1,7 +1,8 @@
 """Text-generation metrics on detokenized strings, computed with reference packages.
 
-BLEU is sacrebleu's (tokenizer 13a, mixed case); ROUGE is Google's `rouge-score`
-(lowercased, alphanumeric tokens, Porter stemming as in the CNN/DailyMail papers).
+BLEU is sacrebleu's (tokenizer 13a, mixed case), and so is chrF (character 6-grams, beta 2,
+no word n-grams: it credits a word half right, as a morphologically rich target needs);
+ROUGE is Google's `rouge-score` (lowercased, alphanumeric tokens, Porter stemming as in the CNN/DailyMail papers).
 Both take one reference per hypothesis and return scores in percent. Exact match and F1 of
 extractive question answering follow SQuAD v1.1's evaluation script (any number of
 references); that script ships as a file, not a package, so its few lines are written here.
@@ -30,6 +31,13 @@ def bleu(hypotheses: list[str], references: list[str]) -> dict:
     result = metric.corpus_score(hypotheses, [references])
     return {"bleu": result.score, "bleu_detail": str(result),
             "bleu_signature": str(metric.get_signature())}
+
+
+def chrf(hypotheses: list[str], references: list[str]) -> dict:
+    """Corpus chrF: {'chrf': score, 'chrf_signature': the settings and version}."""
+    _check_pairs(hypotheses, references)
+    metric = sacrebleu.CHRF()
+    return {"chrf": metric.corpus_score(hypotheses, [references]).score, "chrf_signature": str(metric.get_signature())}
 
 
 def rouge(hypotheses: list[str], references: list[str]) -> dict:

@@ -1,14 +1,17 @@
-"""English -> German translation with a Transformer encoder-decoder, data and tensor parallel.
+"""English -> Spanish translation with a Transformer encoder-decoder, data and tensor parallel.
 
-Trains on sentence pairs from the FreeDict English-German dictionary (Debian package
-dict-freedict-eng-deu) with a subword vocabulary learned from the training split, decodes the
-held-out test split greedily, and reports BLEU (sacrebleu).
+Trains on Bible verses, the World English Bible against the Reina-Valera 1909 aligned by verse
+(Debian's SWORD modules, `common.data.bible`), with a subword vocabulary learned from the train
+split; translates the held-out verses (whole chapters no training verse comes from, those that
+fit --max_len tokens whole) by beam search, and reports BLEU and chrF (sacrebleu).
+`--corpus=freedict` trains English -> German on pairs of the FreeDict dictionary instead.
 
     horovodrun -np 2 python recipes/translate.py                # the demo: minutes on 2 CPU cores
     mpirun -np 2 python recipes/translate.py --debug            # same with Open MPI's launcher
     horovodrun -np 2 python recipes/translate.py --plan=tensor=2
     python recipes/translate.py --backend=mirrored              # one process, 2 logical CPU devices
     python recipes/translate.py --steps=20 --deterministic      # one process
+    horovodrun -np 2 python recipes/translate.py --corpus=freedict --max_len=16 --vocab_size=4000
     horovodrun -np 2 python recipes/translate.py --predict=lines.txt --plan=tensor=2   # the run in --out_dir
     horovodrun -np 8 -H a:4,b:4 python recipes/translate.py --dataset=wmt14_translate/de-en \
         --data_dir=/shared/tfds --max_len=64 --d_model=512 --ff_dim=2048 --heads=8 --layers=6
@@ -21,31 +24,42 @@ from common.config import TransformerConfig, flag, parse_or_exit
 from common.data.freedict import DEFAULT_SOURCE
 from common.errors import ConfigError
 
+CORPORA = ("bible", "freedict")
+
 
 @dataclasses.dataclass(frozen=True)
 class TranslateConfig(TransformerConfig):
-    steps: int = flag(1200, "optimizer steps to train")
-    global_batch_size: int = flag(128, "sentence pairs per optimizer step, over all ranks")
+    steps: int = flag(1500, "optimizer steps to train")
+    global_batch_size: int = flag(64, "sentence pairs per optimizer step, over all ranks")
     lr: float = flag(2e-3, "peak learning rate")
     warmup_steps: int = flag(100, "linear learning-rate warm-up steps")
     log_every: int = flag(50, "steps between metrics lines")
     checkpoint_every: int = flag(500, "steps between checkpoints; 0 = only at the end")
-    vocab_size: int = flag(4000, "joint English+German subword vocabulary size")
+    vocab_size: int = flag(8000, "joint source+target subword vocabulary size")
     layers: int = flag(2, "encoder layers (and as many decoder layers)")
-    max_len: int = flag(16, "longest sentence in subword tokens (longer training pairs are dropped)")
+    max_len: int = flag(48, "longest sentence in subword tokens (longer training pairs are dropped, and so are "
+                             "held-out Bible verses)")
     max_test: int = flag(1000, "held-out sentences translated for BLEU; 0 = all")
     samples: int = flag(5, "sample translations printed at the end")
-    freedict_file: str = flag(DEFAULT_SOURCE, "the FreeDict dictionary the embedded data is made from")
+    corpus: str = flag("bible", "embedded data: bible (English->Spanish Bible verses) or freedict "
+                       "(English->German dictionary pairs)")
+    freedict_file: str = flag(DEFAULT_SOURCE, "--corpus=freedict: the FreeDict dictionary the data is made from")
+    beam: int = flag(4, "beam width of the decoding; 1 = greedy")
+    length_penalty: float = flag(0.6, "beam search's length penalty alpha (GNMT's): 0 = none, more = longer outputs")
     predict: str = flag("", "translate each line of this file (- = standard input) with the finished run in "
                         "--out_dir instead of training; the chief prints one translation a line")
     predict_batch: int = flag(64, "--predict: sentences each replica decodes at a time; 0 = all of its share")
 
     DEBUG = {"steps": 20, "global_batch_size": 16, "log_every": 1, "checkpoint_every": 10,
              "warmup_steps": 5, "vocab_size": 500, "max_len": 16, "d_model": 32, "heads": 2,
-             "layers": 1, "ff_dim": 64, "max_test": 64, "samples": 3}
+             "layers": 1, "ff_dim": 64, "max_test": 64, "samples": 3, "beam": 1}
 
     def validate(self):
         super().validate()
+        if self.corpus not in CORPORA:
+            raise ConfigError(f"--corpus must be one of {', '.join(CORPORA)}, got {self.corpus!r}")
+        if self.beam < 1:
+            raise ConfigError(f"--beam must be >= 1 (1 = greedy), got {self.beam}")
         if self.predict_batch < 0:
             raise ConfigError(f"--predict_batch must be >= 0, got {self.predict_batch}")
 
@@ -64,28 +78,34 @@ from common.data.subword import SubwordTokenizer  # noqa: E402
 from common.data.seq2seq import load_translation  # noqa: E402
 from common.dist import Group  # noqa: E402
 from common.export import export_trained_seq2seq  # noqa: E402
-from common.metrics import bleu  # noqa: E402
+from common.metrics import bleu, chrf  # noqa: E402
+from common.models.beam import beam_decode  # noqa: E402
 from common.models.transformer import TransformerSize, build_transformer, greedy_decode, token_loss  # noqa: E402
 from common.plans.pipeline import make_forward  # noqa: E402
 
 
 def translator(run, forward, tokenizer: SubwordTokenizer, max_len: int):
-    """`translate(rows)`: the greedy translations (texts) of a batch of source id rows."""
+    """`translate(rows)`: the translations (texts) of a batch of source id rows, by beam search
+    of --beam hypotheses (greedy for 1)."""
+    cfg = run.config
+
     def translate(rows):
-        ids = greedy_decode(forward, run.dist.tensor, np.stack(rows), max_len, tokenizer.bos_id, tokenizer.eos_id)
+        args = forward, run.dist.tensor, np.stack(rows), max_len, tokenizer.bos_id, tokenizer.eos_id
+        ids = greedy_decode(*args) if cfg.beam == 1 else beam_decode(*args, cfg.beam, cfg.length_penalty)
         return [tokenizer.decode(row) for row in ids]
     return translate
 
 
 def evaluate(run, data, model, forward, count: int) -> dict:
-    """BLEU of greedy translations of the first `count` held-out sentences, and the held-out
+    """BLEU and chrF of translations of the first `count` held-out sentences, and the held-out
     loss and token accuracy with the reference as decoder input, scored by all ranks together."""
     scores = api.held_out_metrics(run.dist, model, token_loss(run.dist.tensor), (data.test_src[:count], data.test_tgt[:count]))
     translate = translator(run, forward, data.tokenizer, run.config.max_len)
     hypotheses, references = api.gathered_outputs(run.dist, translate, data.test_src[:count]), data.test_tgt_text[:count]
     samples = [{"en": s, "reference": r, "translation": h}
                for s, r, h in zip(data.test_src_text, references, hypotheses)]
-    return {**bleu(hypotheses, references), **scores, "test_sentences": count, "samples": samples[:10]}
+    return {**bleu(hypotheses, references), **chrf(hypotheses, references), **scores, "test_sentences": count,
+            "samples": samples[:10]}
 
 
 def load_trained(out_dir: str):
@@ -142,7 +162,8 @@ def main():
     if cfg.predict:
         return predict(run)
     data = load_translation(data_dir=run.data_dir, dataset=cfg.dataset or None, debug=cfg.debug,
-                            max_len=cfg.max_len, vocab_size=cfg.vocab_size, source_path=cfg.freedict_file)
+                            max_len=cfg.max_len, vocab_size=cfg.vocab_size, corpus=cfg.corpus,
+                            source_path=cfg.freedict_file)
     size = TransformerSize.of(cfg, data.tokenizer.vocab_size, cfg.max_len)
     run.check_model_fits(layers=size.layers, heads=size.heads, ff_dim=size.ff_dim, vocab_size=size.vocab_size)
     with run.model_scope():
@@ -157,7 +178,7 @@ def main():
                         export=lambda out_dir: export_trained_seq2seq(out_dir, data.tokenizer, load_trained,
                                                                        source_len=cfg.max_len, target_len=cfg.max_len))
     if run.dist.is_chief:
-        print(f"BLEU = {summary['bleu']:.2f} on {summary['test_sentences']} held-out sentences "
+        print(f"BLEU = {summary['bleu']:.2f}, chrF = {summary['chrf']:.2f} on {summary['test_sentences']} held-out sentences "
               f"({summary['world_size']} replicas, final loss {summary['final_loss']:.4f})")
         for sample in summary["samples"][:cfg.samples]:
             print(f"  EN  {sample['en']}\n  REF {sample['reference']}\n  OUT {sample['translation']}")

@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from common.data import docstrings, freedict
+from common.data import bible, docstrings, freedict
 from common.data.subword import SubwordTokenizer
 from common.data.tfds_io import DataError, load_prepared, prepare_embedded
 
@@ -117,24 +117,37 @@ def _train_arrays(tokenizer: SubwordTokenizer, sources: list[str], targets: list
     return _padded(source_rows, max_src_len), _padded(target_rows, max_tgt_len + 1)
 
 
+def _fitting(tokenizer: SubwordTokenizer, sources: list[str], targets: list[str], max_src_len: int,
+             max_tgt_len: int) -> tuple[list[str], list[str]]:
+    """The pairs whose source fits `max_src_len` tokens with eos, and target `max_tgt_len`."""
+    kept = [(source, target) for source, target, source_ids, target_ids in
+            zip(sources, targets, tokenizer.encode(sources), tokenizer.encode(targets))
+            if len(source_ids) < max_src_len and len(target_ids) < max_tgt_len]
+    return [pair[0] for pair in kept], [pair[1] for pair in kept]
+
+
 def load_seq2seq(builder, source_key: str, target_key: str, *, tokenizer_dir: str,
                  max_src_len: int, max_tgt_len: int, vocab_size: int,
-                 max_test: int | None = None, truncate_sources: bool = False) -> Seq2SeqData:
+                 max_test: int | None = None, truncate_sources: bool = False,
+                 whole_test: bool = False) -> Seq2SeqData:
     """Encodes the `train` and `test` splits of a prepared builder.
 
     The subword model (in `tokenizer_dir`) is trained on the train split only, on
     sources and targets alike. Training pairs whose target, or (unless
     `truncate_sources`) whose source, is too long for its width are dropped; test
     sources are always truncated, keeping their start, and so are test targets (they
-    serve the held-out loss). `max_test` keeps the first test pairs.
+    serve the held-out loss), unless `whole_test`, which keeps only the test pairs whose
+    sides both fit whole, as training keeps them. `max_test` keeps the first test pairs.
     """
     train_sources, train_targets = read_split(builder, "train", source_key, target_key)
-    test_sources, test_targets = (
-        texts[:max_test] for texts in read_split(builder, "test", source_key, target_key))
+    test_sources, test_targets = read_split(builder, "test", source_key, target_key)
     tokenizer = SubwordTokenizer.train_or_load(
         lambda: _interleaved(_heads(train_sources, TOKENIZER_SOURCE_WORDS, truncate_sources),
                              train_targets),
         tokenizer_dir, vocab_size)
+    if whole_test:
+        test_sources, test_targets = _fitting(tokenizer, test_sources, test_targets, max_src_len, max_tgt_len)
+    test_sources, test_targets = test_sources[:max_test], test_targets[:max_test]
     train_src, train_tgt = _train_arrays(
         tokenizer, _heads(train_sources, max_src_len, truncate_sources), train_targets,
         max_src_len, max_tgt_len, truncate_sources)
@@ -151,15 +164,25 @@ def load_seq2seq(builder, source_key: str, target_key: str, *, tokenizer_dir: st
 
 
 def load_translation(*, data_dir: str, dataset: str | None, debug: bool, max_len: int, vocab_size: int,
-                     source_path: str = freedict.DEFAULT_SOURCE, max_test: int | None = None) -> Seq2SeqData:
-    """English->German pairs (train_src [n, max_len], train_tgt [n, max_len + 1]), preparing the
-    embedded data set if needed: the FreeDict dictionary (its `debug` config if `debug`) when
-    `dataset` is None, else a public TFDS translation set with `en` and `de` features, prepared
-    in `data_dir` (DataError otherwise). The subword vocabulary is learned from the train split;
-    training pairs with a side longer than `max_len` tokens with eos are dropped."""
+                     corpus: str = "freedict", source_path: str = freedict.DEFAULT_SOURCE,
+                     max_test: int | None = None) -> Seq2SeqData:
+    """Translation pairs (train_src [n, max_len], train_tgt [n, max_len + 1]), preparing the
+    embedded data set if needed when `dataset` is None: `corpus` "bible", English->Spanish
+    verses of the SWORD modules (`bible.BibleVerses`), held-out verses only those that fit
+    `max_len` whole (but for `debug`'s few short ones); or "freedict", English->German pairs of the FreeDict dictionary at
+    `source_path`. Either one's `debug` config if `debug`. Else `dataset` is a public TFDS
+    translation set with `en` and `de` features, prepared in `data_dir` (DataError otherwise).
+    The subword vocabulary is learned from the train split; training pairs with a side longer
+    than `max_len` tokens with eos are dropped."""
+    config = "debug" if debug else None
+    if dataset is None and corpus == "bible":
+        bible.check_tools(bible.ENGLISH, bible.SPANISH)
+        builder, tokenizer_dir = open_builder(data_dir, None, bible.BibleVerses, config or "verses")
+        return load_seq2seq(builder, "en", "es", tokenizer_dir=tokenizer_dir, max_src_len=max_len,
+                            max_tgt_len=max_len, vocab_size=vocab_size, max_test=max_test, whole_test=not debug)
     if dataset is None:
         freedict.check_source(source_path)
-    builder, tokenizer_dir = open_builder(data_dir, dataset, freedict.FreedictEngDeu, "debug" if debug else "sentences",
+    builder, tokenizer_dir = open_builder(data_dir, dataset, freedict.FreedictEngDeu, config or "sentences",
                                           source_path=source_path)
     return load_seq2seq(builder, "en", "de", tokenizer_dir=tokenizer_dir, max_src_len=max_len,
                         max_tgt_len=max_len, vocab_size=vocab_size, max_test=max_test)

@@ -60,7 +60,8 @@ def held_out(data_dir):
     """The held-out inputs each run scored, as the recipes prepare them."""
     from common.data.images import load_images  # TensorFlow only now: collection stays fast
     from common.data.seq2seq import load_summarization, load_translation
-    translation = load_translation(data_dir=data_dir, dataset=None, debug=True, max_len=16, vocab_size=500)
+    translation = load_translation(data_dir=data_dir, dataset=None, debug=True, max_len=16, vocab_size=500,
+                                   corpus="bible")
     summaries = load_summarization(data_dir=data_dir, dataset=None, debug=True, max_src_len=32, max_tgt_len=12,
                                    vocab_size=500)
     images = load_images(data_dir=data_dir, dataset=None, debug=True)

@@ -14,11 +14,12 @@ pytestmark = pytest.mark.slow
 COUNT = 7  # does not divide over 2 replicas, nor into batches of 2
 BATCH = "--predict_batch=2"  # 4 batches: the replicas take 4 and 3 rows; the same batches on 1 process
 TRAIN = ["--debug", "--log_every=50", "--checkpoint_every=0"]
+BEAM = "--beam=3"  # the training run's decoding, and --predict's: beam search, split under tensor=2
 
 
 @pytest.fixture(scope="module")
 def translate_run(data_dir, tmp_path_factory):
-    return one_process_run("translate", TRAIN + ["--steps=600", "--lr=3e-3", f"--data_dir={data_dir}"],
+    return one_process_run("translate", TRAIN + ["--steps=600", "--lr=3e-3", BEAM, f"--data_dir={data_dir}"],
                            tmp_path_factory.mktemp("translate"))
 
 
@@ -51,7 +52,7 @@ def held_out_lines(translate_run, tmp_path_factory):
     samples = translate_run.summary()["samples"][:COUNT]
     lines = tmp_path_factory.mktemp("lines") / "lines.txt"
     lines.write_text("".join(sample["en"] + "\n" for sample in samples))
-    alone = printed_lines(predict("translate", translate_run.out_dir, [f"--predict={lines}", BATCH]))
+    alone = printed_lines(predict("translate", translate_run.out_dir, [f"--predict={lines}", BATCH, BEAM]))
     return lines, alone, [sample["translation"] for sample in samples]
 
 
@@ -65,7 +66,7 @@ def test_one_process_translates_as_the_training_run_did(held_out_lines):
 def test_two_processes_translate_as_one(extra, from_stdin, translate_run, held_out_lines):
     lines, alone, _ = held_out_lines
     source = ["--predict=-"] if from_stdin else [f"--predict={lines}"]
-    together = printed_lines(predict("translate", translate_run.out_dir, source + extra + [BATCH],
+    together = printed_lines(predict("translate", translate_run.out_dir, source + extra + [BATCH, BEAM],
                                      launcher="horovodrun", processes=2,
                                      stdin=lines.read_text() if from_stdin else None))
     assert together == alone

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from scripts.launchers import (assert_same_training, command, launch_env, one_process_run, rewind_to,
-                               run_recipe, REPO)
+                               run_recipe, run_script, Result, BIN, REPO)
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,8 @@ def test_one_process_run_writes_the_recipe_outputs(reference):
     out = reference.out_dir
     assert (out / "config.json").exists() and (out / "model.npz").exists()
     assert list((out / "tb").glob("events.out.tfevents.*"))
-    assert f"BLEU = {summary['bleu']:.2f}" in reference.output
+    assert f"BLEU = {summary['bleu']:.2f}, chrF = {summary['chrf']:.2f}" in reference.output
+    assert summary["chrf_signature"].startswith("nrefs:1|case:mixed|eff:yes|nc:6|nw:0")
 
 
 def test_the_exported_model_reloads_and_translates_as_the_run_reported(reference, data_dir):
@@ -63,7 +64,7 @@ def test_the_exported_model_reloads_and_translates_as_the_run_reported(reference
     from common.models.transformer import greedy_decode
     from recipes.translate import load_trained
     model, tokenizer = load_trained(str(reference.out_dir))
-    data = load_translation(data_dir=data_dir, dataset=None, debug=True, max_len=16, vocab_size=500)
+    data = load_translation(data_dir=data_dir, dataset=None, debug=True, max_len=16, vocab_size=500, corpus="bible")
     decoded = greedy_decode(lambda batch, head: head(model(batch)), model.group, data.test_src[:64], 16,
                             tokenizer.bos_id, tokenizer.eos_id)
     hypotheses = [tokenizer.decode(ids) for ids in decoded]
@@ -156,13 +157,16 @@ def corrupted_checkpoint(reference, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--bogus=1"], "unknown flag --bogus"),
     (["--global_batch_size=15"], "does not divide into 2 data-parallel ranks"),
-    (["--freedict_file=/nonexistent/freedict-eng-deu.dict.dz"], "install the Debian package dict-freedict-eng-deu"),
+    (["--corpus=freedict", "--freedict_file=/nonexistent/freedict-eng-deu.dict.dz"],
+     "install the Debian package dict-freedict-eng-deu"),
+    (["--corpus=wmt"], "--corpus must be one of bible, freedict"),
+    (["--beam=0"], "--beam must be >= 1"),
     (["--dataset=wmt14_translate/de-en", "--data_dir={empty}"], "is not prepared"),
     ([corrupted_checkpoint], "is corrupt"),
     (["--plan=tensor=3"], "needs a multiple of 3 processes"),
     (["--plan=tensor=2", "--heads=3", "--d_model=48"], "--plan: tensor=2 does not divide the attention heads (3)"),
     (["--elastic"], "--elastic runs under horovodrun's elastic mode"),
-], ids=["unknown-flag", "batch-not-divisible", "missing-package", "unprepared-tfds", "corrupt-checkpoint",
+], ids=["unknown-flag", "batch-not-divisible", "missing-freedict", "unknown-corpus", "no-beam", "unprepared-tfds", "corrupt-checkpoint",
         "plan-does-not-fit", "heads-do-not-split", "elastic-without-elastic-launch"])
 def test_bad_input_fails_fast_on_every_rank(args, message, reference, data_dir, tmp_path):
     empty = tmp_path / "empty_tfds"
@@ -175,4 +179,24 @@ def test_bad_input_fails_fast_on_every_rank(args, message, reference, data_dir, 
     assert result.seconds < 30, f"took {result.seconds:.0f} s"
     errors = [line for line in result.error_lines() if message in line]
     assert errors, result.output[-3000:]
+    assert "Traceback" not in result.output, result.output[-3000:]
+
+
+def test_without_diatheke_every_rank_names_the_packages(tmp_path):
+    # PATH holds the system's programs but diatheke; a fresh data dir, so the corpus must be built.
+    programs = tmp_path / "bin"
+    programs.mkdir()
+    for program in Path("/usr/bin").iterdir():
+        if program.name != "diatheke":
+            (programs / program.name).symlink_to(program)
+    start = time.perf_counter()
+    done = run_script(REPO / "recipes/translate.py", ["--debug", f"--data_dir={tmp_path / 'tfds'}",
+                                                      f"--out_dir={tmp_path}", "--intra_op_threads=1"],
+                      launcher="horovodrun", env=launch_env(PATH=f"{BIN}:{programs}"), timeout=120)
+    result = Result(done.returncode, done.stdout + done.stderr, time.perf_counter() - start, tmp_path)
+    assert result.returncode != 0 and result.seconds < 30, (result.seconds, result.output[-3000:])
+    message = "diatheke not found on PATH: the Bible corpus is read with it " \
+              "(apt-get install diatheke sword-text-web sword-text-sparv)"
+    errors = [line for line in result.error_lines() if message in line]
+    assert len(errors) == 2, result.output[-3000:]  # one a rank
     assert "Traceback" not in result.output, result.output[-3000:]
