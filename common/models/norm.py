@@ -162,7 +162,7 @@ class SyncBatchNormalization(FusedBatchNormalization):
         rank = len(x.shape)
         axes = [axis for axis in range(rank) if axis != self.axis % rank]
         channels = x.shape[self.axis]
-        count = tf.cast(tf.size(x) // channels, x.dtype)
+        count = tf.cast(tf.size(x, out_type=tf.int64) // channels, x.dtype)
         local = tf.concat([tf.reduce_sum(x, axes), tf.reduce_sum(tf.square(x), axes), count[None]], 0)
         total = self.group.sum([local])[0]
         sums, squares, global_count = total[:channels], total[channels:2 * channels], total[-1]
