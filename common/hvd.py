@@ -49,6 +49,15 @@ def init() -> None:
         _world = dist_lib.init_for_script()
 
 
+def init_from(started: dist_lib.Dist) -> None:
+    """Work in a job `common.dist.init` already started (a recipe's), on its data group."""
+    global _world
+    if started.backend != "horovod":
+        raise HvdError(f"common.hvd runs on Horovod processes, not --backend={started.backend}: "
+                       "pass --backend=horovod")
+    _world = started
+
+
 def is_initialized() -> bool:
     return _world is not None
 

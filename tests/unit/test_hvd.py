@@ -9,7 +9,7 @@ import common.hvd as hvd
 from common.dist import Dist, Group
 from common.mesh import Mesh
 from common.models import norm
-from tests.unit.one_process import ONE_PROCESS
+from tests.unit.one_process import MIRRORED, ONE_PROCESS
 
 HOROVOD_NAMES = ["init", "is_initialized", "size", "rank", "local_rank", "local_size", "cross_rank", "cross_size",
                  "Average", "Sum", "Min", "Max", "Product", "Adasum", "Compression", "DistributedOptimizer",
@@ -57,6 +57,13 @@ def test_every_call_before_init_names_hvd_init(not_started, call):
     with pytest.raises(hvd.HvdError, match=r"call hvd\.init\(\) first"):
         call()
     assert not hvd.is_initialized()
+
+
+def test_init_from_takes_a_job_already_started_on_horovod(not_started):
+    with pytest.raises(hvd.HvdError, match="pass --backend=horovod"):
+        hvd.init_from(MIRRORED)
+    hvd.init_from(ONE_PROCESS)
+    assert hvd.is_initialized() and (hvd.size(), hvd.rank(), hvd.local_rank()) == (1, 0, 0)
 
 
 @pytest.mark.parametrize("optimizer", [object(), tf.compat.v1.train.GradientDescentOptimizer(0.1), "adam"])
