@@ -62,13 +62,6 @@ def is_initialized() -> bool:
     return _world is not None
 
 
-def init_from(dist: dist_lib.Dist) -> None:
-    """Take a recipe's started job (`api.start(...).dist`, data plan) as this module's world,
-    in place of `init()`: `common.fit` trains a recipe through this module that way."""
-    global _world
-    _world = dist
-
-
 def _dist() -> dist_lib.Dist:
     if _world is None:
         raise HvdError("Horovod is not started: call hvd.init() first, at the top of the script")
