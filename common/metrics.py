@@ -2,8 +2,8 @@
 
 BLEU is sacrebleu's (tokenizer 13a, mixed case), and so is chrF (character 6-grams, beta 2,
 no word n-grams: it credits a word half right, as a morphologically rich target needs);
-ROUGE is Google's `rouge-score` (lowercased, alphanumeric tokens, Porter stemming as in the CNN/DailyMail papers).
-Both take one reference per hypothesis and return scores in percent. Exact match and F1 of
+ROUGE is Google's `rouge-score` (lowercased, alphanumeric tokens, Porter stemming as in the
+CNN/DailyMail papers). The three take one reference per hypothesis and return scores in percent. Exact match and F1 of
 extractive question answering follow SQuAD v1.1's evaluation script (any number of
 references); that script ships as a file, not a package, so its few lines are written here.
 """

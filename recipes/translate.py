@@ -21,8 +21,9 @@ from __future__ import annotations
 import dataclasses
 
 from common.config import TransformerConfig, flag, parse_or_exit
+from common.data import bible, freedict
 from common.data.freedict import DEFAULT_SOURCE
-from common.errors import ConfigError
+from common.errors import ConfigError, RecipeError, exit_with
 
 CORPORA = ("bible", "freedict")
 
@@ -64,8 +65,22 @@ class TranslateConfig(TransformerConfig):
             raise ConfigError(f"--predict_batch must be >= 0, got {self.predict_batch}")
 
 
+def check_corpus(config: TranslateConfig) -> None:
+    """Exits with one line naming the package to install if the embedded corpus to train on
+    cannot be read: at once, on every rank, before Horovod starts and the model is built."""
+    if config.predict or config.dataset:
+        return
+    try:
+        if config.corpus == "bible":
+            bible.check_tools(bible.ENGLISH, bible.SPANISH)
+        else:
+            freedict.check_source(config.freedict_file)
+    except RecipeError as error:
+        exit_with(error)
+
+
 if __name__ == "__main__":
-    parse_or_exit(TranslateConfig)  # a bad flag fails here, in a moment, before TensorFlow loads
+    check_corpus(parse_or_exit(TranslateConfig))  # bad flags and a missing package fail here, in a moment
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -18,7 +18,7 @@ def verses():
     return bible.aligned_verses()
 
 
-STRONGS = re.compile(r"<[GH]\d+>")  # Strong's numbers, in the Spanish module's plain form
+STRONGS = re.compile(r"\s*<[GH]\d+>")  # Strong's numbers, in the Spanish module's plain form
 
 
 def one_verse(module: str, key: str) -> str:
