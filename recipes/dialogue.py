@@ -3,8 +3,10 @@ data and tensor parallel.
 
 Trains on real conversations (the Chit Chat Challenge set, PyPI chitchat-dataset): the last
 turns of a conversation -> the next turn, the loss on the response only. Reports the held-out
-perplexity of the responses of unseen conversations against a unigram baseline on the same
-tokens, and prints greedy replies to held-out contexts. `--chat` talks to a finished run.
+perplexity of the responses of unseen conversations beside unigram and bigram baselines of the
+responses alone (the same tokens), and prints greedy replies to held-out contexts. `--chat`
+talks to a finished run. The plans are data and tensor (pipeline stages would hold no whole
+model for the held-out perplexity).
 
     horovodrun -np 2 python recipes/dialogue.py --intra_op_threads=1
     horovodrun -np 2 python recipes/dialogue.py --plan=tensor=2
@@ -49,11 +51,12 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common import api, inference  # noqa: E402
-from common.data.chitchat import CONTEXT_TURNS, context_row, load_dialogue, unigram_perplexity  # noqa: E402
+from common.data.chitchat import CONTEXT_TURNS, context_row, load_dialogue  # noqa: E402
 from common.data.subword import SubwordTokenizer  # noqa: E402
 from common.dist import Group  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 from common.export import export_trained_seq2seq  # noqa: E402
+from common.models.ngram import bigram_perplexity, unigram_perplexity  # noqa: E402
 from common.models.transformer import CausalLM, TransformerSize, greedy_decode, token_loss  # noqa: E402
 from common.plans.pipeline import make_forward  # noqa: E402
 
@@ -83,9 +86,16 @@ def responder(run, forward, tokenizer: SubwordTokenizer, response_len: int):
     return respond
 
 
-def evaluate(run, data, model, forward, count: int, unigram: float) -> dict:
+def baselines(data, count: int) -> dict:
+    """The perplexity of count-based models of the training responses (no context) on the
+    first `count` test responses: the same tokens the model scores."""
+    rows = (data.train_response, data.test_response[:count], data.tokenizer.vocab_size)
+    return {"unigram_perplexity": unigram_perplexity(*rows), "bigram_perplexity": bigram_perplexity(*rows)}
+
+
+def evaluate(run, data, model, forward, count: int, baseline: dict) -> dict:
     """Held-out loss and perplexity of the first `count` test responses given their contexts,
-    beside the unigram baseline's, and greedy replies to `--samples` contexts spread over them."""
+    beside the baselines', and greedy replies to `--samples` contexts spread over them."""
     scores = api.held_out_metrics(run.dist, model, token_loss(run.dist.tensor),
                                   (data.test_context[:count], data.test_response[:count]))
     picked = np.linspace(0, count - 1, min(run.config.samples, count)).astype(int).tolist()
@@ -93,7 +103,7 @@ def evaluate(run, data, model, forward, count: int, unigram: float) -> dict:
                                    data.test_context[picked])
     samples = [{"context": data.test_context_text[i], "reference": data.test_response_text[i], "reply": reply}
                for i, reply in zip(picked, replies)]
-    return {**scores, "test_perplexity": math.exp(scores["test_loss"]), "unigram_perplexity": unigram,
+    return {**scores, "test_perplexity": math.exp(scores["test_loss"]), **baseline,
             "test_pairs": count, "test_response_tokens": int((data.test_response[:count, 1:] != 0).sum()),
             "samples": samples}
 
@@ -138,15 +148,16 @@ def main():
     step = api.make_step(run, model, optimizer, token_loss(run.dist.tensor))
     forward = make_forward(run, model)
     count = min(cfg.max_test or len(data.test_context), len(data.test_context))
-    unigram = unigram_perplexity(data.train_response[:, 1:], data.test_response[:count, 1:], data.tokenizer.vocab_size)
+    baseline = baselines(data, count)
 
     summary = api.train(run, model, optimizer, step, (data.train_context, data.train_response),
-                        evaluate=lambda: evaluate(run, data, model, forward, count, unigram),
+                        evaluate=lambda: evaluate(run, data, model, forward, count, baseline),
                         export=lambda out_dir: export_trained_seq2seq(out_dir, data.tokenizer, load_trained,
                                                                        source_len=cfg.context_len,
                                                                        target_len=cfg.response_len))
     if run.dist.is_chief:
-        print(f"held-out perplexity {summary['test_perplexity']:.1f} (unigram {summary['unigram_perplexity']:.1f}) "
+        print(f"held-out perplexity {summary['test_perplexity']:.1f} (unigram {summary['unigram_perplexity']:.1f}, "
+              f"bigram {summary['bigram_perplexity']:.1f}) "
               f"on the responses of {summary['test_pairs']} pairs of unseen conversations "
               f"(plan {run.plan}, final loss {summary['final_loss']:.4f})")
         for sample in summary["samples"]:

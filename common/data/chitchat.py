@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -169,12 +168,3 @@ def load_dialogue(*, data_dir: str, dataset: str | None, debug: bool, context_le
     return DialogueData(train_context, train_response, test_context, test_response,
                         [context.split(TURN_SEPARATOR) for context in test_contexts], test_responses, tokenizer)
 
-
-def unigram_perplexity(train_labels: np.ndarray, test_labels: np.ndarray, vocab_size: int) -> float:
-    """Perplexity on the non-pad ids of `test_labels` of token frequencies counted in
-    `train_labels` (add-one smoothing over `vocab_size` ids, pad excluded): the baseline a
-    response model must beat on the same tokens, with no context at all."""
-    counts = np.bincount(train_labels[train_labels != 0], minlength=vocab_size)[1:vocab_size] + 1.0
-    log_probs = np.log(counts / counts.sum())
-    test_ids = test_labels[test_labels != 0]
-    return math.exp(-float(log_probs[test_ids - 1].mean()))

@@ -1,12 +1,11 @@
-"""The Chit Chat conversations as (context -> response) pairs: turns, split, id rows, the unigram baseline."""
-import math
+"""The Chit Chat conversations as (context -> response) pairs: turns, split by conversation, id rows."""
 import sys
 
 import numpy as np
 import pytest
 
 from common.data import chitchat
-from common.data.chitchat import DataError, context_row, pairs_of, split_ids, turns_of, unigram_perplexity
+from common.data.chitchat import DataError, context_row, pairs_of, split_ids, turns_of
 from common.data.subword import SubwordTokenizer
 
 
@@ -49,15 +48,6 @@ def test_a_context_row_ends_each_turn_with_eos_keeps_its_end_and_is_padded_on_th
     assert context_row(tokenizer, ["hello there", "i am fine"], len(second) + 2) == whole[-(len(second) + 2):]
 
 
-def test_the_unigram_baseline_counts_training_tokens_with_add_one_smoothing():
-    vocab = 5  # ids 1..4 (0 is padding)
-    uniform = np.array([[1, 2, 3, 4, 0]])
-    assert unigram_perplexity(uniform, np.array([[2, 3, 0, 0]]), vocab) == pytest.approx(4.0)
-    train = np.array([[1, 1, 1, 2, 0, 0]])  # counts + 1: 4, 2, 1, 1 of 8
-    expected = math.exp(-(math.log(4 / 8) + math.log(1 / 8)) / 2)
-    assert unigram_perplexity(train, np.array([[1, 3], [0, 0]]), vocab) == pytest.approx(expected)
-
-
 def test_a_missing_package_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "chitchat_dataset", None)  # what an absent package makes `import` raise
     with pytest.raises(DataError, match="pip install chitchat-dataset"):
@@ -78,5 +68,6 @@ def test_the_debug_set_holds_unseen_test_conversations_of_real_turns(tmp_path):
     # Each turn of a conversation after its first, as the response to the turns before it (TFDS
     # stores the examples in an order of its own).
     key = sorted(conversations["test"])[0]
-    stored = [(p["context"].decode(), p["response"].decode()) for p in pairs["test"] if p["conversation"].decode() == key]
+    stored = [(pair["context"].decode(), pair["response"].decode())
+              for pair in pairs["test"] if pair["conversation"].decode() == key]
     assert sorted(stored) == sorted(pairs_of(turns[key])) and len(stored) == len(turns[key]) - 1
