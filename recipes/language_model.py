@@ -68,6 +68,7 @@ import math  # noqa: E402
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -131,7 +132,6 @@ def build_lm(cfg: LanguageModelConfig, size: TransformerSize, group: Group, reco
 def set_precision(precision: str) -> None:
     """bf16: Keras' mixed_bfloat16 policy for every layer built after this (bfloat16 compute,
     float32 variables, so the optimizer and the gradient all-reduce see float32)."""
-    import keras
     keras.mixed_precision.set_dtype_policy("mixed_bfloat16" if precision == "bf16" else "float32")
 
 

@@ -150,8 +150,10 @@ def greedy_decode(forward, group: Group, source: np.ndarray, length: int, bos: i
 # ------------------------------------------------------------------ decoder-only (prefix) LM
 class CausalLM(keras.Model):
     """A decoder-only Transformer over [document; summary]: attention is causal over the whole
-    sequence, the loss covers the summary tokens only. Called on a (document, summary) batch.
-    Pipeline plans cut it into stages of consecutive blocks (`stage`, `plans.pipeline.cut`)."""
+    sequence, the loss covers the summary tokens only. Called on a (document, summary) batch;
+    with `source_len` 0 (an empty document) it is a plain language model over the summary.
+    Pipeline plans cut it into stages of consecutive blocks (`stage`, `plans.pipeline.cut`);
+    other plans may `recompute` each block's forward in the backward pass (`recomputed`)."""
 
     first = last = True
 
