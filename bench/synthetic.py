@@ -20,8 +20,8 @@ cross-entropy), optimizer (SGD) and batch per replica, from a `tf.data` iterator
   in replica context. (`fit` on a dataset of tensors fails under MultiWorkerMirroredStrategy.)
 `--fused-bn` swaps every `BatchNormalization` for `common.models.norm`'s fused-kernel layer
 (`use_fused_batch_norm`). Each replica gets `--intra-op-threads` TensorFlow threads. Prints
-images/s per iteration and per process as Horovod's benchmark does; `--result` also writes them
-as JSON (one file per process).
+images/s per iteration and per process as Horovod's benchmark does; `--result` also writes them,
+and images per second of the process's CPU time, as JSON (one file per process).
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from collections.abc import Callable, Iterator
 
@@ -38,6 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tensorflow as tf  # noqa: E402
 
+import timing  # noqa: E402  (bench/, this script's folder)
 from common.dist import configure_threads  # noqa: E402
 
 MODES = ("horovod", "keras", "fit", "mirrored", "multiworker")
@@ -141,10 +141,10 @@ def plain_keras(options) -> tuple[Callable[[], tf.Tensor], int, int]:
     return (lambda: train_step(next(batches))), 0, 1
 
 
-def fit_images_per_sec(options) -> tuple[list[float], int]:
+def fit_iteration_seconds(options) -> tuple[list[tuple[float, float]], int]:
     """The same model trained by `model.fit` through common.hvd, as a user's Keras script does:
     a warm-up `fit`, then one `fit` of `--num-iters` epochs of `--num-batches-per-iter` steps,
-    each epoch timed. Returns images/s per epoch and the process rank."""
+    each epoch timed. Returns (wall, CPU) seconds per epoch and the process rank."""
     import keras
     from common import hvd
     hvd.init()
@@ -153,21 +153,21 @@ def fit_images_per_sec(options) -> tuple[list[float], int]:
     model.compile(optimizer=hvd.DistributedOptimizer(make_optimizer()),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     dataset = tf.data.Dataset.from_tensors(synthetic_batch(options)).repeat()
-    model.fit(dataset, steps_per_epoch=options.num_warmup_batches, epochs=1, verbose=0,
+    model.fit(dataset, steps_per_epoch=options.num_warmup_batches, epochs=1, verbose=0, shuffle=False,
               callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0)])
     seconds = []
 
     class EpochTimer(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
-            self.start = time.perf_counter()
+            self.start = timing.clocks()
 
         def on_epoch_end(self, epoch, logs=None):
             float(logs["loss"])  # the epoch's last step has finished
-            seconds.append(time.perf_counter() - self.start)
+            seconds.append(timing.since(self.start))
 
     model.fit(dataset, steps_per_epoch=options.num_batches_per_iter, epochs=options.num_iters, verbose=0,
-              callbacks=[EpochTimer()])
-    return [options.batch_size * options.num_batches_per_iter / took for took in seconds], hvd.rank()
+              shuffle=False, callbacks=[EpochTimer()])
+    return seconds, hvd.rank()
 
 
 def strategy_loop(strategy: tf.distribute.Strategy, options) -> Callable[[], tf.Tensor]:
@@ -218,37 +218,23 @@ def multiworker(options) -> tuple[Callable[[], tf.Tensor], int, int]:
 BUILDERS = {"horovod": horovod_plan, "keras": plain_keras, "mirrored": mirrored, "multiworker": multiworker}
 
 
-# ---------------------------------------------------------------- timing
-def images_per_sec(step: Callable[[], tf.Tensor], images_per_step: int, options) -> list[float]:
-    """Warm up, then time `--num-iters` iterations of `--num-batches-per-iter` steps each."""
-    for _ in range(options.num_warmup_batches):
-        step()
-    rates = []
-    for _ in range(options.num_iters):
-        start = time.perf_counter()
-        for _ in range(options.num_batches_per_iter):
-            loss = step()
-        loss.numpy()  # the last step has finished
-        rates.append(images_per_step * options.num_batches_per_iter / (time.perf_counter() - start))
-    return rates
-
-
 def main(argv=None) -> None:
     options = parse_args(argv)
     replicas_here = options.mirrored_devices if options.mode == "mirrored" else 1
     configure_threads(options.intra_op_threads * replicas_here)
     if options.mode == "fit":
-        (rates, rank), replicas = fit_images_per_sec(options), 1
+        (seconds, rank), replicas = fit_iteration_seconds(options), 1
     else:
         step, rank, replicas = BUILDERS[options.mode](options)
-        rates = images_per_sec(step, options.batch_size * replicas, options)
-    mean, spread = float(np.mean(rates)), 1.96 * float(np.std(rates))
+        seconds = timing.iteration_seconds(step, options.num_warmup_batches, options.num_iters,
+                                           options.num_batches_per_iter)
+    measured = timing.rates(seconds, options.batch_size * replicas * options.num_batches_per_iter)
+    mean, spread = measured["mean_img_sec"], 1.96 * float(np.std(measured["img_sec"]))
     print(f"[{options.mode} rank {rank}] {options.model} {options.image_size}px, batch {options.batch_size} "
           f"x {replicas} replica(s): {mean:.1f} +- {spread:.1f} img/sec", flush=True)
     if options.result:
         path = Path(options.result.format(rank=rank))
-        path.write_text(json.dumps({"mode": options.mode, "rank": rank, "replicas": replicas,
-                                    "img_sec": rates, "mean_img_sec": mean}) + "\n")
+        path.write_text(json.dumps({"mode": options.mode, "rank": rank, "replicas": replicas, **measured}) + "\n")
 
 
 if __name__ == "__main__":

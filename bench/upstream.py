@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
+
+import timing  # bench/, this script's folder
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,21 +67,6 @@ def make_step(options, tf, hvd):
     return step
 
 
-def images_per_sec(step, options, images_per_step: int) -> list[float]:
-    """bench/synthetic.py's timing: warm-up steps, then `--num-iters` timed iterations."""
-    step(True)
-    for _ in range(options.num_warmup_batches - 1):
-        step(False)
-    rates = []
-    for _ in range(options.num_iters):
-        start = time.perf_counter()
-        for _ in range(options.num_batches_per_iter):
-            loss = step(False)
-        loss.numpy()
-        rates.append(images_per_step * options.num_batches_per_iter / (time.perf_counter() - start))
-    return rates
-
-
 def main(argv=None) -> None:
     options = parse_args(argv)
     if os.environ.get("TF_USE_LEGACY_KERAS") != "1":
@@ -91,13 +77,17 @@ def main(argv=None) -> None:
     tf.config.threading.set_intra_op_parallelism_threads(options.intra_op_threads)
     tf.config.threading.set_inter_op_parallelism_threads(options.intra_op_threads)
     hvd.init()
-    rates = images_per_sec(make_step(options, tf, hvd), options, options.batch_size)
-    mean, spread = float(np.mean(rates)), 1.96 * float(np.std(rates))
+    step = make_step(options, tf, hvd)
+    step(True)  # the first warm-up step
+    seconds = timing.iteration_seconds(lambda: step(False), options.num_warmup_batches - 1, options.num_iters,
+                                       options.num_batches_per_iter)
+    measured = timing.rates(seconds, options.batch_size * options.num_batches_per_iter)
+    mean, spread = measured["mean_img_sec"], 1.96 * float(np.std(measured["img_sec"]))
     print(f"[upstream rank {hvd.rank()}] {options.model} {options.image_size}px, batch {options.batch_size} "
           f"on tf_keras: {mean:.1f} +- {spread:.1f} img/sec", flush=True)
     if options.result:
         Path(options.result.format(rank=hvd.rank())).write_text(json.dumps(
-            {"mode": "upstream", "rank": hvd.rank(), "replicas": 1, "img_sec": rates, "mean_img_sec": mean}) + "\n")
+            {"mode": "upstream", "rank": hvd.rank(), "replicas": 1, **measured}) + "\n")
 
 
 if __name__ == "__main__":
