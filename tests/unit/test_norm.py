@@ -32,7 +32,7 @@ def _training_steps(layer, batches):
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = layer(x, training=True)
-            loss = tf.reduce_sum(tf.tanh(y) * tf.range(1.0, y.shape[-1] + 1.0))
+            loss = tf.reduce_sum(tf.tanh(tf.cast(y, tf.float32)) * tf.range(1.0, y.shape[-1] + 1.0))
         return y, tape.gradient(loss, [x, *layer.trainable_weights])
 
     per_step = [step(tf.constant(x)) for x in batches]
@@ -77,6 +77,17 @@ def _runs_fused_kernel(layer, shape, **call_kwargs) -> bool:
 def test_fused_layer_trains_as_keras_batch_normalization(shape, kwargs):
     fused = _compare_with_keras(shape, **kwargs)
     assert _runs_fused_kernel(fused, shape)
+
+
+def test_under_mixed_precision_the_fused_layer_computes_in_float32_as_keras_does():
+    batches = [_inputs((4, 6, 5, 8), seed) for seed in range(3)]
+    fused = FusedBatchNormalization(dtype="mixed_float16")
+    got = _training_steps(fused, batches)
+    expected = _training_steps(keras.layers.BatchNormalization(dtype="mixed_float16"), batches)
+    assert got["outputs"][0].dtype == tf.float16 and fused.moving_mean.dtype == "float32"
+    for key in expected:
+        _assert_close(got[key], expected[key], rtol=1e-3)  # float16 outputs
+    assert _runs_fused_kernel(fused, (4, 6, 5, 8))
 
 
 @pytest.mark.parametrize("shape,kwargs", [
