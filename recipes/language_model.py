@@ -17,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 
 from common.config import TransformerConfig, flag, parse_or_exit
-from common.errors import ConfigError
+from common.data.kjv import DEFAULT_SOURCE, check_source
+from common.errors import ConfigError, RecipeError, exit_with
 from common.mesh import parse_plan
 
 
@@ -53,16 +54,20 @@ class LanguageModelConfig(TransformerConfig):
             raise ConfigError("--temperature must be positive and --top_k >= 0")
 
 
-def check_recompute(config: LanguageModelConfig) -> None:
-    """ConfigError if recomputation would redraw dropout masks (block recompute runs each
-    block's forward again in the backward pass)."""
+def check_inputs(config: LanguageModelConfig) -> None:
+    """RecipeError if the text package is missing, or if recomputation would redraw dropout
+    masks (block recompute runs each block's forward again in the backward pass)."""
+    check_source(config.source_path or DEFAULT_SOURCE)
     if parse_plan(config.plan).recompute and config.dropout and not config.deterministic:
         raise ConfigError("--plan=...,recompute runs each forward twice, drawing new dropout masks: "
                           "add --dropout=0 (or --deterministic)")
 
 
 if __name__ == "__main__":
-    check_recompute(parse_or_exit(LanguageModelConfig))  # a bad flag fails here, before TensorFlow loads
+    try:  # a bad flag or a missing text package fails here, in a moment, before TensorFlow loads
+        check_inputs(parse_or_exit(LanguageModelConfig))
+    except RecipeError as error:
+        exit_with(error)
 
 import math  # noqa: E402
 import shutil  # noqa: E402
@@ -74,7 +79,7 @@ import tensorflow as tf  # noqa: E402
 
 from common import api  # noqa: E402
 from common.data.subword import SubwordTokenizer  # noqa: E402
-from common.data.text_corpus import DEFAULT_SOURCE, load_language_model  # noqa: E402
+from common.data.text_corpus import load_language_model  # noqa: E402
 from common.dist import Group  # noqa: E402
 from common.models.ngram import bigram_perplexity, unigram_perplexity  # noqa: E402
 from common.models.transformer import (CausalLM, TransformerSize, sample_continuations,  # noqa: E402
@@ -139,7 +144,7 @@ def set_precision(precision: str) -> None:
 def main():
     run = api.start(LanguageModelConfig, "language_model", axes=("data", "tensor", "pipeline"))
     cfg = run.config
-    check_recompute(cfg)
+    check_inputs(cfg)
     data = load_language_model(data_dir=run.data_dir, debug=cfg.debug, seq_len=cfg.seq_len,
                                vocab_size=cfg.vocab_size, source_path=cfg.source_path or DEFAULT_SOURCE)
     size = TransformerSize.of(cfg, data.tokenizer.vocab_size, cfg.seq_len)

@@ -3,14 +3,14 @@ the n-gram baselines."""
 import numpy as np
 import pytest
 
-from common.data import text_corpus
-from common.data.tfds_io import DataError
+from common.data import kjv, text_corpus
+from common.errors import RecipeError
 from common.models.ngram import bigram_perplexity, unigram_perplexity
 
 
 @pytest.fixture(scope="module")
 def verses():
-    return text_corpus.read_verses(text_corpus.DEFAULT_SOURCE)
+    return kjv.read_verses(kjv.DEFAULT_SOURCE)
 
 
 def test_the_whole_text_decodes_verse_by_verse(verses):
@@ -25,9 +25,9 @@ def test_the_whole_text_decodes_verse_by_verse(verses):
 
 
 def test_held_out_books_are_never_trained_on(verses):
-    splits = text_corpus.split_chapters(verses, debug=False)
-    assert {book for book, _, _ in splits["test"]} == set(text_corpus.HELD_OUT_BOOKS)
-    assert not {book for book, _, _ in splits["train"]} & set(text_corpus.HELD_OUT_BOOKS)
+    splits = kjv.split_chapters(verses, debug=False)
+    assert {book for book, _, _ in splits["test"]} == set(kjv.HELD_OUT_BOOKS)
+    assert not {book for book, _, _ in splits["train"]} & set(kjv.HELD_OUT_BOOKS)
     assert len(splits["train"]) + len(splits["test"]) == 1189  # every chapter once
     jonah = [text for book, _, text in splits["test"] if book == "Jonah"]
     assert len(jonah) == 4 and jonah[0].startswith("Now the word of the LORD came unto Jonah the son of Amittai")
@@ -37,8 +37,8 @@ def test_held_out_books_are_never_trained_on(verses):
                                       lambda tmp: (tmp / "other.data").write_bytes(b"not it") and tmp / "other.data"],
                          ids=["missing", "not-the-format"])
 def test_a_missing_or_foreign_file_names_the_package(make_bad, tmp_path):
-    with pytest.raises(DataError, match="apt-get install .*bible-kjv-text"):
-        text_corpus.check_source(str(make_bad(tmp_path)))
+    with pytest.raises(RecipeError, match="apt-get install .*bible-kjv-text"):
+        kjv.check_source(str(make_bad(tmp_path)))
 
 
 class Letters:
