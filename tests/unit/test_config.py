@@ -58,17 +58,6 @@ def test_help_lists_every_flag():
         assert f"--{field.name}=" in text
 
 
-def test_the_readme_shows_the_example_script_as_it_is():
-    """README's "Your own model" block is examples/keras_model.py without its docstring and
-    `__main__` guard (tests/e2e/test_example.py runs the file)."""
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[2]
-    shown = (root / "README.md").read_text().split("`examples/keras_model.py`, complete:\n\n```python\n")[1]
-    script = (root / "examples" / "keras_model.py").read_text()
-    body = script[script.index("import dataclasses"):script.index('\n\nif __name__ == "__main__":')]
-    assert shown.split("```")[0].rstrip() == body.rstrip()
-
-
 @pytest.mark.parametrize("flags, elastic_launch, message", [
     (["--elastic"], False, "needs --elastic: pass both or neither"),
     ([], True, "needs --elastic: pass both or neither"),
