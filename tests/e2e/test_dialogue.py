@@ -98,7 +98,7 @@ def test_a_missing_chitchat_package_is_one_line_naming_the_install_on_every_rank
     start = time.perf_counter()
     done = run_script(REPO / "recipes" / "dialogue.py",
                       ["--debug", f"--data_dir={tmp_path / 'tfds'}", f"--out_dir={tmp_path / 'out'}",
-                       "--intra_op_threads=1"], launcher="horovodrun", timeout=120,
+                       "--intra_op_threads=1"], launcher="horovodrun", timeout=300,
                       env=launch_env(PYTHONPATH=f"{shadow.parent}:{REPO}"))
     seconds = time.perf_counter() - start
     output = done.stdout + done.stderr
