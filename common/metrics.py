@@ -81,6 +81,7 @@ def squad_scores(predictions: list[str], references: list[list[str]]) -> dict:
     if len(predictions) != len(references) or not references or not all(references):
         raise ValueError(f"need one prediction and at least one reference per question, got "
                          f"{len(predictions)} predictions for {len(references)} reference lists")
-    exact = sum(max(normalize_answer(p) == normalize_answer(r) for r in refs) for p, refs in zip(predictions, references))
+    exact = sum(max(normalize_answer(p) == normalize_answer(r) for r in refs)
+                for p, refs in zip(predictions, references))
     f1 = sum(max(answer_f1(p, r) for r in refs) for p, refs in zip(predictions, references))
     return {"exact_match": 100 * exact / len(references), "f1": 100 * f1 / len(references)}

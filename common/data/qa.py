@@ -184,8 +184,8 @@ class WordnetCloze(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         del dl_manager  # everything is read from the local WordNet files
         check_source(self._wordnet_dir)
-        return {split: self._generate_examples(rows)
-                for split, rows in split_examples(read_items(self._wordnet_dir), self.builder_config.name == "debug").items()}
+        examples = split_examples(read_items(self._wordnet_dir), debug=self.builder_config.name == "debug")
+        return {split: self._generate_examples(rows) for split, rows in examples.items()}
 
     def _generate_examples(self, rows):
         for number, row in enumerate(rows):
