@@ -131,8 +131,12 @@ def images_per_sec(config: Config, model: str, processes: int, python: Path, opt
         args = [*config.args, f"--model={model}", f"--image-size={options.image_size}",
                 f"--batch-size={options.batch_size}", "--intra-op-threads=1", f"--num-warmup-batches={warmup}",
                 f"--num-batches-per-iter={batches}", f"--num-iters={iters}", f"--result={tmp}/rank{{rank}}.json"]
-        done = subprocess.run(launch(config, processes, python) + args, cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=options.timeout, stdin=subprocess.DEVNULL)
+        try:
+            done = subprocess.run(launch(config, processes, python) + args, cwd=REPO, env=env, capture_output=True,
+                                  text=True, timeout=options.timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise SystemExit(f"error: {config.label}, {model}, {processes} process(es) did not finish in "
+                             f"{options.timeout:.0f} s (--timeout); the rates so far are in {options.out}") from None
         results = [json.loads(path.read_text()) for path in Path(tmp).glob("rank*.json")]
     if done.returncode or len(results) != processes:
         raise SystemExit(f"error: {config.label}, {model}, {processes} process(es) failed "

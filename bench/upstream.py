@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-batches-per-iter", type=int, default=10, help="steps per timed iteration")
     parser.add_argument("--num-iters", type=int, default=10, help="timed iterations")
     parser.add_argument("--intra-op-threads", type=int, default=1, help="TensorFlow threads per process")
+    parser.add_argument("--inter-op-threads", type=int, default=-1,
+                        help="TensorFlow inter-op threads (-1: as many as intra-op, as bench/synthetic.py; "
+                             "0: TensorFlow's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--result", default="", help="write this process's numbers here (JSON); "
                         "'{rank}' in the path is replaced by the process rank")
@@ -75,7 +78,8 @@ def main(argv=None) -> None:
     import tensorflow as tf
     import horovod.tensorflow as hvd
     tf.config.threading.set_intra_op_parallelism_threads(options.intra_op_threads)
-    tf.config.threading.set_inter_op_parallelism_threads(options.intra_op_threads)
+    inter_op = options.intra_op_threads if options.inter_op_threads < 0 else options.inter_op_threads
+    tf.config.threading.set_inter_op_parallelism_threads(inter_op)
     hvd.init()
     step = make_step(options, tf, hvd)
     step(True)  # the first warm-up step
