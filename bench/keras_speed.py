@@ -1,7 +1,7 @@
 """Keras 3 training speed of the project against upstream Horovod on legacy tf_keras, side by side.
 
     python bench/keras_speed.py            # MobileNetV2 and ResNet50, 3 rounds
-    python bench/keras_speed.py --quick    # MobileNetV2, one round of a few batches (about 2 minutes)
+    python bench/keras_speed.py --quick    # MobileNetV2, one round of a few batches
 
 The yardstick is the environment a user who pins tf_keras gets: scripts/upstream_env.sh builds it
 once (TensorFlow, upstream Horovod built against it, tf_keras; cached outside the repository);
@@ -22,9 +22,9 @@ round to round so that the machine's load hits all alike. Each run gives images 
 and images per second of its processes' CPU time (summed over processes); the second holds still
 when other jobs share the cores, but does not count time a process sleeps waiting for its peer
 (a busy-polling wait does count), so for 2 processes it is an upper bound of the wall rate a
-host with a free core per process would show. A ratio is taken within each round, on each clock, and the median over rounds is
-printed against its target: step / upstream >= 1.0 on 1 process and >= 1.2 on 2,
-fit / step >= 0.95. Writes every rate and ratio to `--out` (JSON) after each run.
+host with a free core per process would show. A ratio is taken within each round, on each
+clock, and the median over rounds is printed against its target: step / upstream >= 1.0 on
+1 process and >= 1.2 on 2, fit / step >= 0.95. Writes every rate and ratio to `--out` (JSON) after each run.
 """
 from __future__ import annotations
 
