@@ -8,7 +8,7 @@ top-k, seeded: the same text under every plan).
 
     horovodrun -np 2 python recipes/language_model.py
     horovodrun -np 8 python recipes/language_model.py --plan=data=2,tensor=2,pipeline=2,microbatches=2
-    horovodrun -np 2 python recipes/language_model.py --plan=tensor=2,recompute   # recompute each block
+    horovodrun -np 2 python recipes/language_model.py --plan=tensor=2,recompute --dropout=0  # recompute blocks
     python recipes/language_model.py --precision=bf16     # bfloat16 compute, float32 weights and optimizer
 Pipeline plans need an MPI launch (horovodrun without --gloo, mpirun, srun with PMIx).
 """
