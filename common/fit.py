@@ -49,9 +49,10 @@ class ContractLog(keras.callbacks.Callback):
                                "examples_per_sec": config.global_batch_size * config.log_every / seconds,
                                "world_size": self.run.dist.num_replicas}
         self.log.write(self.totals.metrics)
-        if not self.first_window:
+        if not self.first_window:  # the count is of examples (images), as the recipes' loss_sums count them
             self.totals.seconds += seconds
             self.totals.steps += config.log_every
+            self.totals.count += config.global_batch_size * config.log_every
         self.first_window = False
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done != config.steps:
             self.state.save(self.run.out_dir / "checkpoints", done, config.keep)

@@ -67,7 +67,7 @@ def epochs_logged(out_dir):
         return []
 
 
-def test_elastic_script_survives_a_killed_worker(local_hosts, data_dir, data_args, tmp_path):  # noqa: F811
+def test_elastic_script_survives_a_killed_worker(local_hosts, data_args, tmp_path):  # noqa: F811
     hosts_file, out_dir = tmp_path / "hosts", tmp_path / "run"
     hosts_file.write_text("".join(f"{host}:1\n" for host in local_hosts[:2]))
     job = subprocess.Popen(
