@@ -88,10 +88,15 @@ class Group:
 
     def broadcast(self, tensor: tf.Tensor, root: int = 0) -> tf.Tensor:
         """Member `root`'s `tensor` on every member: a sum to which the others add zeros, one
-        collective that means the same for any process set."""
+        collective that means the same for any process set. Inside a tf.function the zeros
+        wait for `tensor` (as constants they would be sent first, out of the step's order of
+        collectives), and the collective is named (Horovod matches it by its input's name)."""
         if self.size == 1:
             return tensor
-        return self.sum([tensor if self.index == root else tf.zeros_like(tensor)])[0]
+        if self.index != root:
+            with tf.control_dependencies([tensor]):
+                tensor = tf.zeros_like(tensor)
+        return self.sum([tensor], name="broadcast")[0]
 
     def broadcast_variables(self, variables: Sequence[Any], root: int = 0) -> None:
         """Give the group the values of member `root` (the first by default), in one collective
