@@ -16,7 +16,7 @@ HOROVOD_VERSION=0.28.1
 WHEEL_CACHE=${HOROVOD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/recipes-horovod}
 APT_PACKAGES=(openmpi-bin libopenmpi-dev libhighwayhash-dev libfarmhash-dev
               cmake g++ python3-venv python3-dev dict-freedict-eng-deu dataset-fashion-mnist
-              sword-text-web sword-text-sparv diatheke bible-kjv-text
+              sword-text-web sword-text-sparv diatheke bible-kjv-text wordnet-base
               slurm-wlm munge openssh-server openssh-client iproute2)
 
 log() { printf '[setup] %s\n' "$*"; }
