@@ -99,13 +99,36 @@ class Group:
         return self.sum([tensor], name="broadcast")[0]
 
     def broadcast_variables(self, variables: Sequence[Any], root: int = 0) -> None:
-        """Give the group the values of member `root` (the first by default), in one collective
-        over a flat float64 buffer (exact for float32 values and integer counters alike)."""
+        """Give the group the values of member `root` (the first by default). Inside a
+        tf.function over every process: one Horovod broadcast per variable (`broadcast_each`).
+        Elsewhere: one collective over a flat float64 buffer (exact for float32 values and
+        integer counters alike)."""
         if self.size == 1 or not variables:
+            return
+        if not tf.executing_eagerly() and self.is_world():
+            self.broadcast_each(variables, root)
             return
         flat = self.broadcast(tf.concat([tf.reshape(tf.cast(v, tf.float64), [-1]) for v in variables], 0), root)
         for v, part in zip(variables, tf.split(flat, [int(np.prod(v.shape)) for v in variables])):
             v.assign(tf.cast(tf.reshape(part, v.shape), v.dtype))
+
+    def is_world(self) -> bool:
+        import horovod.tensorflow as hvd
+        return self.process_set is hvd.global_process_set
+
+    def broadcast_each(self, variables: Sequence[Any], root: int) -> None:
+        """Member `root`'s values of `variables`, one Horovod broadcast each, traced into the
+        same graph on every rank: each reads its variable on every rank (the root's sum of
+        zeros sent by the others had rank-dependent inputs, and the zeros' control edge,
+        hung on constants, did not hold inside a tf.function, so a non-root rank sent a
+        broadcast before the step's gradient all-reduce and the ranks stalled). The read
+        waits for the step's earlier updates of its variable, and each broadcast has its
+        own name (TF makes a repeated one unique in the graph, alike on every rank)."""
+        import horovod.tensorflow as hvd
+        for index, variable in enumerate(variables):
+            value = hvd.broadcast(tf.convert_to_tensor(variable), root, name=f"broadcast_variable_{index}",
+                                  process_set=self.process_set)
+            variable.assign(value)
 
 
 @dataclasses.dataclass(frozen=True)
