@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -150,7 +151,9 @@ def _train_steps(run, log: ChiefLog, optimizer, step: Step, state: TrainingState
     log.start_at(start)  # an elastic reset goes back to the last commit
     batches = sharded_batches(train_data, batch_size=run.process_batch_size, num_shards=dist.input_shards,
                               shard_index=dist.coords["data"], seed=config.seed, skip_batches=start)
-    progress = tqdm(total=config.steps, initial=start, disable=not dist.is_chief, desc="train")
+    # Under a launcher the output is a pipe, and every redraw would be a line of its own.
+    progress = tqdm(total=config.steps, initial=start, disable=not dist.is_chief, desc="train",
+                    mininterval=0.1 if sys.stderr.isatty() else 10)
     window_start, window_steps, window_counts = time.perf_counter(), 0, []
     first_window_done = False  # the first window pays for tracing (or a reset) and is left out
     for index in range(start, config.steps):
