@@ -30,7 +30,7 @@ CORPORA = ("bible", "freedict")
 
 @dataclasses.dataclass(frozen=True)
 class TranslateConfig(TransformerConfig):
-    steps: int = flag(1500, "optimizer steps to train")
+    steps: int = flag(1000, "optimizer steps to train")
     global_batch_size: int = flag(64, "sentence pairs per optimizer step, over all ranks")
     lr: float = flag(2e-3, "peak learning rate")
     warmup_steps: int = flag(100, "linear learning-rate warm-up steps")
