@@ -43,7 +43,8 @@ _world: dist_lib.Dist | None = None
 
 
 def init() -> None:
-    """Start Horovod on every process (call once, first; again does nothing)."""
+    """Start Horovod on every process (call once, first; again does nothing), and pin one GPU
+    per process by local rank where there are GPUs."""
     global _world
     if _world is None:
         _world = dist_lib.init_for_script()

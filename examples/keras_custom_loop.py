@@ -29,13 +29,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    hvd.init()
-    # Horovod: pin one GPU per process, by local rank.
-    gpus = tf.config.list_physical_devices("GPU")
-    for gpu in gpus:
-        tf.config.experimental.set_memory_growth(gpu, True)
-    if gpus:
-        tf.config.set_visible_devices(gpus[hvd.local_rank()], "GPU")
+    hvd.init()  # Horovod: also pins one GPU per process, by local rank
 
     data = load_images(data_dir=args.data_dir, dataset=None, debug=args.debug)
     train = (tf.data.Dataset.from_tensor_slices((data.train_images, data.train_labels))

@@ -32,13 +32,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    hvd.init()
-    # Horovod: pin one GPU per process, by local rank.
-    gpus = tf.config.list_physical_devices("GPU")
-    for gpu in gpus:
-        tf.config.experimental.set_memory_growth(gpu, True)
-    if gpus:
-        tf.config.set_visible_devices(gpus[hvd.local_rank()], "GPU")
+    hvd.init()  # Horovod: also pins one GPU per process, by local rank
 
     model = getattr(keras.applications, args.model)(
         weights=None, input_shape=(args.image_size, args.image_size, 3), classifier_activation=None)
