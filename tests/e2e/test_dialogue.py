@@ -84,8 +84,8 @@ def test_chat_bad_input_is_one_clear_line(args, launcher, message, reference, tm
     args = [arg.format(empty=tmp_path) for arg in args]
     result = run_recipe("dialogue", args, reference.out_dir, launcher=launcher, timeout=120)
     assert result.returncode != 0 and result.seconds < 120, result.output[-3000:]
-    errors = [line for line in result.error_lines() if message in line]
-    assert len(errors) == (2 if launcher == "horovodrun" else 1), result.output[-3000:]
+    # Counted in the whole output: horovodrun may print two ranks' lines as one.
+    assert result.output.count(message) == (2 if launcher == "horovodrun" else 1), result.output[-3000:]
     assert "Traceback" not in result.output, result.output[-3000:]
 
 
@@ -103,5 +103,4 @@ def test_a_missing_chitchat_package_is_one_line_naming_the_install_on_every_rank
     seconds = time.perf_counter() - start
     output = done.stdout + done.stderr
     assert done.returncode != 0 and seconds < 120, output[-3000:]
-    errors = [line for line in output.splitlines() if "error: " in line and "pip install chitchat-dataset" in line]
-    assert len(errors) == 2 and "Traceback" not in output, output[-3000:]
+    assert output.count("pip install chitchat-dataset") == 2 and "Traceback" not in output, output[-3000:]
