@@ -63,7 +63,7 @@ def main():
         if hvd.rank() == 0:
             print(line, flush=True)
 
-    device = "GPU" if gpus else "CPU"
+    device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
     log(f"Model: {args.model}{' (fused batch norm)' if args.fused_batch_norm else ''}")
     log(f"Batch size: {args.batch_size}, images {args.image_size}x{args.image_size}")
     log(f"Number of {device}s: {hvd.size()}")
