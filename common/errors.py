@@ -22,6 +22,10 @@ class ConfigError(RecipeError):
 
 
 def exit_with(error: RecipeError) -> NoReturn:
-    print(f"error: {error}", file=sys.stderr, flush=True)
+    """The line goes to the file descriptor in one write, after what is buffered: `print` writes
+    the text and its newline apart, and a TensorFlow thread logging between the two glued its
+    own lines onto ours."""
     sys.stdout.flush()
+    sys.stderr.flush()
+    os.write(2, f"error: {error}\n".encode())
     os._exit(error.exit_code)
