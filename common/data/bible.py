@@ -4,7 +4,7 @@ The World English Bible (sword-text-web, module engWEB2015eb) and the Reina-Vale
 (sword-text-sparv, spaRV1909eb) are read with `diatheke`, one call per module for the whole
 Bible (a range key; one call a verse would take hours), in OSIS form: its `<w>` word
 elements keep words apart where a footnote was cut out of the text, which the plain form
-runs together ("Godcreated"). Verses are aligned by their key ("John 3:16"); only verses
+runs together ("Godcreated"); a word left outside the elements is spaced from them too. Verses are aligned by their key ("John 3:16"); only verses
 present and non-empty in both modules are kept (the English module carries the
 deuterocanon, the Spanish one does not).
 
@@ -37,6 +37,8 @@ DEBUG_TEST_PER_MILLE = 300
 
 _KEY = re.compile(r"(?:^|(?<=\s\s))((?:I{1,3} )?[A-Z][a-z]+(?: [A-Za-z()]+)*? \d+:\d+): ")
 _WORD_GAP = re.compile(r"</w>\s*<w")
+# A word the module left outside the elements touches them: "<w>hay allí</w>también<w>bdelio</w>".
+_WORD_AFTER, _WORD_BEFORE = re.compile(r"</w>(?=\w)"), re.compile(r"(?<=\w)<w\b")
 _TAG = re.compile(r"<[^<>]*>")
 # A run of 4+ spaces ends the verse: the WEB's last verse is followed by its glossary.
 _TRAILER = re.compile(r"\s{4,}.*$")
@@ -66,7 +68,8 @@ def _diatheke(module: str, key: str, output_format: str = "plain") -> str:
 def clean_verse(osis: str) -> str:
     """The text of one verse's OSIS markup: words kept apart, tags and Strong's numbers
     dropped, entities decoded, spaces tidied."""
-    text = _TAG.sub("", _WORD_GAP.sub("</w> <w", osis))
+    spaced = _WORD_BEFORE.sub(" <w", _WORD_AFTER.sub("</w> ", _WORD_GAP.sub("</w> <w", osis)))
+    text = _TAG.sub("", spaced)
     return _SPACES.sub(" ", _TRAILER.sub("", html.unescape(text))).strip()
 
 
@@ -140,8 +143,9 @@ def debug_splits(verses: list[tuple[str, str, str]]) -> dict[str, list[tuple[str
 class BibleVerses(tfds.core.GeneratorBasedBuilder):
     """Verse-aligned pairs of two SWORD Bible modules, English->Spanish by default."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "WEB 2015 (engWEB2015eb) -> Reina-Valera 1909 (spaRV1909eb), split by chapter."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "WEB 2015 (engWEB2015eb) -> Reina-Valera 1909 (spaRV1909eb), split by chapter.",
+                     "1.1.0": "Words outside the modules' word elements kept apart (381 verses had words glued)."}
     BUILDER_CONFIGS = [
         tfds.core.BuilderConfig(name="verses", description="Every verse both modules hold."),
         tfds.core.BuilderConfig(name="debug", description=f"{DEBUG_TRAIN} train and {DEBUG_TEST} test verses of "
