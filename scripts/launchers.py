@@ -99,8 +99,11 @@ def assert_same_training(result, reference):
     np.testing.assert_allclose(losses, expected, rtol=1e-4)
     weights, expected_weights = final_weights(result), final_weights(reference)
     assert sorted(weights) == sorted(expected_weights)
+    # atol: Adam moves a weight whose gradient is near rounding level (a rare token's
+    # embedding row) by about lr x sign(m): there, the plans' different summation orders
+    # show as up to a hundredth of one step (translate, tensor=2: 1.1e-5 at lr 2e-3).
     for name, value in weights.items():
-        np.testing.assert_allclose(value, expected_weights[name], rtol=1e-4, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(value, expected_weights[name], rtol=1e-4, atol=2e-5, err_msg=name)
 
 
 def rewind_to(ckpt_dir, step):
