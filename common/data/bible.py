@@ -4,9 +4,9 @@ The World English Bible (sword-text-web, module engWEB2015eb) and the Reina-Vale
 (sword-text-sparv, spaRV1909eb) are read with `diatheke`, one call per module for the whole
 Bible (a range key; one call a verse would take hours), in OSIS form: its `<w>` word
 elements keep words apart where a footnote was cut out of the text, which the plain form
-runs together ("Godcreated"); a word left outside the elements is spaced from them too. Verses are aligned by their key ("John 3:16"); only verses
-present and non-empty in both modules are kept (the English module carries the
-deuterocanon, the Spanish one does not).
+runs together ("Godcreated"); a word left outside the elements is spaced from them too.
+Verses are aligned by their key ("John 3:16"); only verses present and non-empty in both
+modules are kept (the English module carries the deuterocanon, the Spanish one does not).
 
 The held-out split is a hash of the chapter ("John 3"), not of the verse: neighbouring
 verses of a chapter repeat names and phrases, so a test verse's own chapter is never seen
