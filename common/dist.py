@@ -18,6 +18,7 @@ import tensorflow as tf
 from common import watchdog
 from common.errors import ConfigError, RecipeError
 from common.mesh import AXES, Mesh, Plan, build_mesh
+from common.startup import start_up_lines_dropped
 
 Nest = Any
 
@@ -248,7 +249,8 @@ def _init_horovod(plan: Plan, grouped_allreduce: bool, stall_timeout: int) -> Di
     # need (README: Benchmarks). Set before MPI starts (hvd.init); a user's value wins.
     os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     try:
-        import horovod.tensorflow as hvd
+        with start_up_lines_dropped():  # Horovod's library logs TensorFlow's start-up lines again
+            import horovod.tensorflow as hvd
     except ImportError as error:
         raise RecipeError(f"Horovod is not installed ({error}): run scripts/setup.sh, "
                           "or pass --backend=mirrored") from None

@@ -143,6 +143,30 @@ def finish(run, log: ChiefLog, state: TrainingState, model, totals: Totals, *,
     return summary
 
 
+def progress_bar(total: int, initial: int, enabled: bool = True) -> tqdm:
+    """The training progress display: redrawn in place on a terminal; under a launcher, where
+    the output is a pipe, one whole line every 10 s (a postfix is set with refresh=False, or
+    each call redraws)."""
+    if sys.stderr.isatty():
+        return tqdm(total=total, initial=initial, disable=not enabled, desc="train", mininterval=0.1)
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", mininterval=10,
+                file=_WholeLines(), ascii=True)
+
+
+class _WholeLines:
+    """Standard error as a progress bar's stream of whole lines. tqdm begins each redraw with a
+    carriage return and ends none, which in a pipe leaves a line open: an error line written
+    later (`errors.exit_with`) would be glued to it."""
+
+    def write(self, text: str) -> None:
+        text = text.strip("\r\n")
+        if text.strip():
+            sys.stderr.write(text + "\n")
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def _train_steps(run, log: ChiefLog, optimizer, step: Step, state: TrainingState, train_data, evaluate,
                  totals: Totals, commit: Callable[[], None] | None) -> None:
     """From the optimizer's step to --steps: log, checkpoint, evaluate, and commit when elastic."""
@@ -151,9 +175,7 @@ def _train_steps(run, log: ChiefLog, optimizer, step: Step, state: TrainingState
     log.start_at(start)  # an elastic reset goes back to the last commit
     batches = sharded_batches(train_data, batch_size=run.process_batch_size, num_shards=dist.input_shards,
                               shard_index=dist.coords["data"], seed=config.seed, skip_batches=start)
-    # Under a launcher the output is a pipe, and every redraw would be a line of its own.
-    progress = tqdm(total=config.steps, initial=start, disable=not dist.is_chief, desc="train",
-                    mininterval=0.1 if sys.stderr.isatty() else 10)
+    progress = progress_bar(config.steps, start, enabled=dist.is_chief)
     window_start, window_steps, window_counts = time.perf_counter(), 0, []
     first_window_done = False  # the first window pays for tracing (or a reset) and is left out
     for index in range(start, config.steps):
@@ -170,7 +192,7 @@ def _train_steps(run, log: ChiefLog, optimizer, step: Step, state: TrainingState
                               "examples_per_sec": config.global_batch_size * window_steps / seconds,
                               "tokens_per_sec": count / seconds, "world_size": dist.num_replicas}
             log.write(totals.metrics)
-            progress.set_postfix(loss=f"{values['loss']:.4f}")
+            progress.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)  # drawn at the next update
             if first_window_done:
                 totals.seconds, totals.steps, totals.count = (totals.seconds + seconds, totals.steps + window_steps,
                                                               totals.count + count)

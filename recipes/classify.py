@@ -20,6 +20,7 @@ import dataclasses
 from common.config import TrainConfig, flag, parse_or_exit
 from common.data.images import DEFAULT_SOURCE_DIR
 from common.errors import ConfigError, RecipeError
+from common.startup import load_tensorflow
 
 
 # ResNet-20 of He et al. (2016) for small images, as a shape of the ConvNet: three stages of
@@ -102,6 +103,7 @@ class ClassifyConfig(TrainConfig):
 
 if __name__ == "__main__":
     parse_or_exit(ClassifyConfig)  # a bad flag fails here, in a moment, before TensorFlow loads
+    load_tensorflow()  # without its start-up lines
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402

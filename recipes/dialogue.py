@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 from common.config import TransformerConfig, flag, parse_or_exit
+from common.startup import load_tensorflow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,7 @@ class DialogueConfig(TransformerConfig):
 
 if __name__ == "__main__":
     parse_or_exit(DialogueConfig)  # a bad flag fails here, in a moment, before TensorFlow loads
+    load_tensorflow()  # without its start-up lines
 
 import math  # noqa: E402
 import sys  # noqa: E402

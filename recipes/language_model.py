@@ -20,6 +20,7 @@ from common.config import TransformerConfig, flag, parse_or_exit
 from common.data.kjv import DEFAULT_SOURCE, check_source
 from common.errors import ConfigError, RecipeError, exit_with
 from common.mesh import parse_plan
+from common.startup import load_tensorflow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,7 @@ if __name__ == "__main__":
         check_inputs(parse_or_exit(LanguageModelConfig))
     except RecipeError as error:
         exit_with(error)
+    load_tensorflow()  # without its start-up lines
 
 import math  # noqa: E402
 import shutil  # noqa: E402

@@ -20,6 +20,7 @@ import dataclasses
 from common.config import TransformerConfig, flag, parse_or_exit
 from common.data.qa import DEFAULT_WORDNET_DIR
 from common.errors import ConfigError
+from common.startup import load_tensorflow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,7 @@ class QAConfig(TransformerConfig):
 
 if __name__ == "__main__":
     parse_or_exit(QAConfig)  # a bad flag fails here, in a moment, before TensorFlow loads
+    load_tensorflow()  # without its start-up lines
 
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402

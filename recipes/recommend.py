@@ -20,6 +20,7 @@ from pathlib import Path
 from common.config import TrainConfig, flag, parse_or_exit
 from common.errors import ConfigError
 from common.plans import ps
+from common.startup import load_tensorflow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,7 @@ class RecommendConfig(TrainConfig):
 
 if __name__ == "__main__":
     parse_or_exit(RecommendConfig)  # a bad flag fails here, in a moment, before TensorFlow loads
+    load_tensorflow()  # without its start-up lines
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from common.config import TransformerConfig, flag, parse_or_exit
+from common.startup import load_tensorflow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,7 @@ class SummarizeConfig(TransformerConfig):
 
 if __name__ == "__main__":
     parse_or_exit(SummarizeConfig)  # a bad flag fails here, in a moment, before TensorFlow loads
+    load_tensorflow()  # without its start-up lines
 
 from pathlib import Path  # noqa: E402
 

@@ -24,6 +24,7 @@ from common.config import TransformerConfig, flag, parse_or_exit
 from common.data import bible, freedict
 from common.data.freedict import DEFAULT_SOURCE
 from common.errors import ConfigError, RecipeError, exit_with
+from common.startup import load_tensorflow
 
 CORPORA = ("bible", "freedict")
 
@@ -81,6 +82,7 @@ def check_corpus(config: TranslateConfig) -> None:
 
 if __name__ == "__main__":
     check_corpus(parse_or_exit(TranslateConfig))  # bad flags and a missing package fail here, in a moment
+    load_tensorflow()  # without its start-up lines
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402

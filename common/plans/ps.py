@@ -273,11 +273,11 @@ def _schedule_steps(coordinator, cluster, step, iterator, start: int, config, lo
     """Schedule steps start+1 .. --steps; each --log_every steps, wait for the window's steps
     and log their mean loss and metrics (a window's steps ran on any workers, in any order)."""
     import tensorflow as tf
-    from tqdm import tqdm
     from common import checkpoint
+    from common.loop import progress_bar
     totals, window, first_window_done = _Totals(), [], False
     window_start = time.perf_counter()
-    progress = tqdm(total=config.steps, initial=start, desc="train", disable=None)
+    progress = progress_bar(config.steps, start)
     for done in range(start + 1, config.steps + 1):
         cluster.check_servers()
         window.append(coordinator.schedule(step, args=(iterator, tf.constant(done, tf.int64))))
@@ -292,7 +292,7 @@ def _schedule_steps(coordinator, cluster, step, iterator, start: int, config, lo
                               "examples_per_sec": config.global_batch_size * len(window) / seconds,
                               "world_size": len(cluster.spec["worker"])}
             log.write(totals.metrics)
-            progress.set_postfix(loss=f"{totals.metrics['loss']:.4f}")
+            progress.set_postfix(loss=f"{totals.metrics['loss']:.4f}", refresh=False)
         progress.update(len(window))
         if first_window_done:
             totals.seconds, totals.steps = totals.seconds + seconds, totals.steps + len(window)

@@ -52,10 +52,13 @@ def last_step(out_dir: Path) -> int:
     return max((record["step"] for record in logged_steps(out_dir)), default=0)
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
+def wait_for(condition, timeout: float, what: str, job: subprocess.Popen, log: Path) -> None:
+    """Until `condition()`; fails with the job's last output if it ends first or time runs out."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if job.poll() is not None or time.monotonic() > deadline:
+            ended = "the job ended" if job.poll() is not None else f"timed out after {timeout} s"
+            raise AssertionError(f"{ended} waiting for {what}; its output ended:\n{log.read_text()[-4000:]}")
         time.sleep(0.1)
 
 
@@ -74,30 +77,31 @@ def worker_on(host: str) -> int:
 
 def test_a_lost_worker_and_a_new_one_train_like_one_process(local_hosts, data_dir, tmp_path):
     reference = one_process_run("translate", ARGS + [f"--data_dir={data_dir}"], tmp_path / "one")
-    hosts_file, out_dir = tmp_path / "hosts", tmp_path / "elastic"
+    hosts_file, out_dir, log = tmp_path / "hosts", tmp_path / "elastic", tmp_path / "job.log"
     hosts_file.write_text("".join(f"{host}:1\n" for host in local_hosts[:3]))
-    job = subprocess.Popen(
-        in_namespace(str(BIN / "horovodrun"), "-np", "3", "--min-np", "2", "--max-np", "3",
-                     "--host-discovery-script", str(REPO / "hostfiles/discover_hosts.sh"),
-                     str(BIN / "python"), str(REPO / "recipes/translate.py"), "--elastic", "--commit_every=5",
-                     f"--data_dir={data_dir}", f"--out_dir={out_dir}", *ARGS),
-        cwd=REPO, env=launch_env(ELASTIC_HOSTS=str(hosts_file)), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    with log.open("w") as output:  # a file, not a pipe: nothing blocks a worker that prints
+        job = subprocess.Popen(
+            in_namespace(str(BIN / "horovodrun"), "-np", "3", "--min-np", "2", "--max-np", "3",
+                         "--host-discovery-script", str(REPO / "hostfiles/discover_hosts.sh"),
+                         str(BIN / "python"), str(REPO / "recipes/translate.py"), "--elastic", "--commit_every=5",
+                         f"--data_dir={data_dir}", f"--out_dir={out_dir}", *ARGS),
+            cwd=REPO, env=launch_env(ELASTIC_HOSTS=str(hosts_file)), stdout=output,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_for(lambda: last_step(out_dir) >= 60, 240, "step 60")
+        wait_for(lambda: last_step(out_dir) >= 60, 240, "step 60", job, log)
         os.kill(worker_on(local_hosts[2]), signal.SIGKILL)
         killed_at, killed_time = last_step(out_dir), time.monotonic()
         wait_for(lambda: any(r["world_size"] == 2 and r["step"] > killed_at for r in logged_steps(out_dir)),
-                 120, "a step by the two workers left")
+                 120, "a step by the two workers left", job, log)
         recovery = time.monotonic() - killed_time
         print(f"killed at step {killed_at}; the next step {recovery:.1f} s later")  # for the record (-s)
-        wait_for(lambda: last_step(out_dir) >= 150, 240, "step 150")
+        wait_for(lambda: last_step(out_dir) >= 150, 240, "step 150", job, log)
         hosts_file.write_text("".join(f"{host}:1\n" for host in local_hosts[:2] + local_hosts[3:]))
-        output = job.communicate(timeout=300)[0]
+        job.wait(timeout=300)
     finally:
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
-    assert job.returncode == 0, output[-3000:]
+    assert job.returncode == 0, log.read_text()[-3000:]
     records = logged_steps(out_dir)
     # Every step once: the steps after the last commit before the kill were logged again.
     assert [r["step"] for r in records] == list(range(1, 301))
