@@ -4,12 +4,11 @@ import json
 import os
 import re
 import signal
-import subprocess
 
 import pytest
 
 from scripts.launchers import BIN, REPO, launch_env, run_script
-from tests.cluster.test_elastic import in_namespace, local_hosts, wait_for, worker_on  # noqa: F401 (a fixture)
+from tests.cluster.test_elastic import local_hosts, start_in_namespace, wait_for, worker_on  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -68,22 +67,22 @@ def epochs_logged(out_dir):
 
 
 def test_elastic_script_survives_a_killed_worker(local_hosts, data_args, tmp_path):  # noqa: F811
-    hosts_file, out_dir = tmp_path / "hosts", tmp_path / "run"
+    hosts_file, out_dir, log = tmp_path / "hosts", tmp_path / "run", tmp_path / "job.log"
     hosts_file.write_text("".join(f"{host}:1\n" for host in local_hosts[:2]))
-    job = subprocess.Popen(
-        in_namespace(str(BIN / "horovodrun"), "--gloo", "-np", "2", "--min-np", "1", "--max-np", "2",
-                     "--host-discovery-script", str(REPO / "hostfiles/discover_hosts.sh"),
-                     str(BIN / "python"), str(REPO / "examples/keras_elastic.py"), *data_args, "--epochs=6",
-                     "--steps-per-epoch=40", "--batch-size=32", "--batches-per-commit=5", f"--out-dir={out_dir}"),
-        cwd=REPO, env=launch_env(ELASTIC_HOSTS=str(hosts_file), **ONE_THREAD), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    job = start_in_namespace([str(BIN / "horovodrun"), "--gloo", "-np", "2", "--min-np", "1", "--max-np", "2",
+                              "--host-discovery-script", str(REPO / "hostfiles/discover_hosts.sh"),
+                              str(BIN / "python"), str(REPO / "examples/keras_elastic.py"), *data_args, "--epochs=6",
+                              "--steps-per-epoch=40", "--batch-size=32", "--batches-per-commit=5",
+                              f"--out-dir={out_dir}"],
+                             log, launch_env(ELASTIC_HOSTS=str(hosts_file), **ONE_THREAD))
     try:
-        wait_for(lambda: len(epochs_logged(out_dir)) >= 2, 180, "two epochs")
+        wait_for(lambda: len(epochs_logged(out_dir)) >= 2, 180, "two epochs", job, log)
         os.kill(worker_on(local_hosts[1]), signal.SIGKILL)
-        output = job.communicate(timeout=240)[0]
+        job.wait(timeout=240)
     finally:
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
+    output = log.read_text(errors="replace")
     assert job.returncode == 0, output[-3000:]
     assert "finished 6 epochs on 1 workers" in output, output[-3000:]
     records = epochs_logged(out_dir)
