@@ -20,8 +20,7 @@ from typing import Iterator
 START_UP_LINES = re.compile(
     rb"All log messages before absl::InitializeLog\(\) is called|oneDNN custom operations are on"
     rb"|cpu_feature_guard\.cc.*This TensorFlow binary is optimized|^To enable the following instructions"
-    rb"|Unable to register cu(DNN|FFT|BLAS) factory|computation_placer\.cc|TF-TRT Warning"
-    rb"|Could not find cuda drivers")
+    rb"|Unable to register cu(DNN|FFT|BLAS) factory|computation_placer\.cc|TF-TRT Warning")
 
 
 def kept_lines(captured: bytes) -> bytes:
