@@ -22,10 +22,14 @@ class ConfigError(RecipeError):
 
 
 def exit_with(error: RecipeError) -> NoReturn:
-    """The line goes to the file descriptor in one write, after what is buffered: `print` writes
-    the text and its newline apart, and a TensorFlow thread logging between the two glued its
-    own lines onto ours."""
+    """The line is the last this process writes, whole: what is buffered goes first; then
+    standard error is pointed at /dev/null, so that a TensorFlow thread still logging the
+    failure behind it (a lost parameter server's gRPC errors) neither follows nor splits it;
+    and the line goes to the saved descriptor in one write (`print` writes the text and its
+    newline apart)."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os.write(2, f"error: {error}\n".encode())
+    stderr = os.dup(2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    os.write(stderr, f"error: {error}\n".encode())
     os._exit(error.exit_code)

@@ -45,3 +45,18 @@ def test_in_a_pipe_the_progress_display_is_a_whole_line_now_and_then(monkeypatch
     assert "\r" not in pipe.getvalue() and all(line.endswith("\n") for line in lines), lines
     assert lines[0].startswith("train:  20%") and "500/500" in lines[-2] and "loss=0.0020" in lines[-2], lines
     assert len(lines) == 3 and lines[-1] == "error: the next line\n", lines  # first draw, last, the error
+
+
+def test_the_error_line_is_the_last_line_while_another_thread_keeps_logging():
+    script = ("import os, threading, time\n"
+              "from common.errors import ConfigError, exit_with\n"
+              "def log():\n"
+              "    while True: os.write(2, b'E0000 a C++ thread logs\\n')\n"
+              "threading.Thread(target=log, daemon=True).start()\n"
+              "time.sleep(0.2)\n"
+              "exit_with(ConfigError('--flag is bad: pass a good one'))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, timeout=60)
+    lines = done.stderr.decode().splitlines()
+    assert done.returncode == 2 and lines[-1] == "error: --flag is bad: pass a good one", lines[-3:]
+    assert lines[:-1] and set(lines[:-1]) == {"E0000 a C++ thread logs"}  # whole lines, none split
