@@ -270,7 +270,7 @@ def _init_horovod(plan: Plan, grouped_allreduce: bool, stall_timeout: int) -> Di
         tf.config.experimental.set_memory_growth(gpu, True)
         tf.config.set_visible_devices(gpu, "GPU")
     dist = _horovod_dist(mesh, grouped_allreduce, elastic)
-    watchdog.start(dist.process_rank, dist.num_processes, dist.gather_objects, stall_timeout)
+    watchdog.start(dist.process_rank, dist.num_processes, dist.gather_objects, stall_timeout, elastic)
     return dist
 
 
@@ -280,7 +280,7 @@ def _set_stall_limits(stall_timeout: int) -> None:
     waiting in a collective for `stall_timeout` seconds (MPI controller), and Gloo's operation
     timeout waits longer than the watchdog, whose message names the stalled rank. Not under
     elastic Horovod: there Gloo's timeout (30 s by default) is what ends the collectives of the
-    survivors of a lost worker, so that they reset; it must stay below the watchdog's."""
+    survivors of a lost worker, so that they reset."""
     if stall_timeout <= 0:
         return
     os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(max(1, (stall_timeout + 1) // 2)))
@@ -384,8 +384,8 @@ def run_elastic(body: Callable[[Callable[[], None]], Any], variables: Sequence[A
     `on_reset(new_dist)` runs; when hosts were added or removed (seen at a commit), the reset
     starts from that commit. Then rank 0 gives every worker (a new one too) its variables and
     `body` runs again from the restored step. The stall watchdog stops at a reset and watches
-    the new ring after it; a worker that freezes (rather than dies) still ends the job, as
-    Horovod Elastic would wait for it."""
+    the new ring after it; it warns of a silent peer rather than ending the job (a worker
+    that freezes, rather than dies, Horovod Elastic waits for)."""
     state = elastic_state(lambda: variables)
     run = elastic_runner(lambda committed: body(committed.commit), on_reset, dist.data.grouped, stall_timeout)
     return run(state)
@@ -455,7 +455,8 @@ def elastic_runner(func: Callable[..., Any], on_reset: Callable[[Dist], None], g
         hvd.init()
         new_dist = _horovod_dist(build_mesh(Plan(), hvd.size()), grouped_allreduce, True)
         # A collective: a worker that joins takes part in it as it starts (`init`).
-        watchdog.start(new_dist.process_rank, new_dist.num_processes, new_dist.gather_objects, stall_timeout)
+        watchdog.start(new_dist.process_rank, new_dist.num_processes, new_dist.gather_objects, stall_timeout,
+                       elastic=True)
         on_reset(new_dist)
 
     return run_fn(func_failing_as_horovod, reset)

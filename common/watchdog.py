@@ -44,7 +44,13 @@ Every rank sends to every other one: a job of N processes sends N - 1 datagrams 
 interval, a few dozen bytes each.
 
 Under elastic Horovod (`common.dist.run_elastic`) a dead worker is replaced, not fatal: the
-watchdog is stopped when a reset begins and started again over the new ring once it is formed.
+watchdog is stopped when a reset begins and started again over the new ring once it is formed,
+and a silent peer gets a warning line, not the end of the job. A survivor reaches its reset
+only once a collective fails, which for one whose pending receive was from another survivor
+is Gloo's operation timeout, and later still on a busy host: ending it there would take a
+second worker out of the job (under `--min-np`, the whole job then waits for hosts). A frozen
+worker ends nothing either way: Horovod Elastic's driver waits for every worker of the old
+ring to re-register or exit, and a frozen one does neither.
 """
 from __future__ import annotations
 
@@ -56,8 +62,11 @@ import select
 import signal
 import socket
 import struct
+import sys
 import threading
 import time
+import traceback
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 INTERVAL = 2.0  # seconds between heartbeats (shorter for timeouts under 5 intervals)
@@ -157,8 +166,8 @@ class Silence:
                 if not peer.done and now - peer.last_heard > self.timeout]
 
 
-def message(silent: Sequence[Peer], now: float, own_step: int, timeout: float) -> str:
-    """The one line a survivor prints (without the `error: ` prefix)."""
+def message(silent: Sequence[Peer], now: float, own_step: int, timeout: float, ends_job: bool = True) -> str:
+    """The one line a survivor prints (without the `error: ` or `warning: ` prefix)."""
     seconds = int(max(now - peer.last_heard for peer in silent))
     where = [f"rank {p.endpoint.rank} on host {p.endpoint.hostname} ({p.address})" for p in silent]
     if len(silent) == 1:
@@ -168,7 +177,10 @@ def message(silent: Sequence[Peer], now: float, own_step: int, timeout: float) -
         listed = ", ".join(f"{w}, last step {p.step}," for w, p in zip(where, silent))
         who = f"{listed} sent no heartbeat for {seconds} s (this rank's step {own_step})"
         what = "they are"
-    return f"{who}: {what} frozen or cut off; ending the job (--stall_timeout={timeout:g})"
+    if ends_job:
+        return f"{who}: {what} frozen or cut off; ending the job (--stall_timeout={timeout:g})"
+    return (f"{who}: {what} lost, frozen or cut off; Horovod Elastic goes on without a lost worker once a "
+            f"collective times out, and waits for a frozen one (--stall_timeout={timeout:g})")
 
 
 def interface_addresses() -> tuple[str, ...]:
@@ -185,10 +197,11 @@ class Watchdog:
 
     def __init__(self, sock: socket.socket, me: Endpoint, peers: Sequence[Endpoint], token: bytes,
                  size: int, timeout: float, interval: float, clock: Callable[[], float] = time.monotonic,
-                 on_stall: Callable[[str], None] | None = None):
+                 ends_job: bool = True, on_stall: Callable[[str], None] | None = None):
         self.sock, self.me, self.token, self.size = sock, me, token, size
-        self.timeout, self.interval, self.clock = timeout, interval, clock
-        self.on_stall = on_stall or _end_job  # given the message; by default ends the process
+        self.timeout, self.interval, self.clock, self.ends_job = timeout, interval, clock, ends_job
+        # Given the message: by default ends the process, or (elastic) warns.
+        self.on_stall = on_stall or (_end_job if ends_job else _warn)
         self.targets = [address for peer in peers for address in destinations(me, peer)]
         self.prompt = PROMPT_PER_DESTINATION * len(self.targets)
         self.silence = Silence(peers, timeout, clock())
@@ -265,7 +278,7 @@ class Watchdog:
             self._receive(min(self._sent_at + self.interval, self.silence.deadline() + 0.01) - now)
             silent = self.silence.silent(self.clock())
             if silent and not self._stopped.is_set():
-                self.on_stall(message(silent, self.clock(), self.step, self.timeout))
+                self.on_stall(message(silent, self.clock(), self.step, self.timeout, self.ends_job))
                 return
 
 
@@ -280,13 +293,42 @@ def _end_job(text: str) -> None:
         os._exit(1)
 
 
+def _warn(text: str) -> None:
+    os.write(2, f"warning: {text}; this rank's main thread is in {main_thread_place()}\n".encode())
+
+
+def main_thread_place() -> str:
+    """Where the main thread is: its innermost frame in this project, then its innermost."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    if frame is None:
+        return "no frame"
+    stack = traceback.extract_stack(frame)
+    project = Path(__file__).resolve().parents[1]
+    ours = [f for f in stack if Path(f.filename).is_relative_to(project)]
+    places = ours[-1:]
+    if stack[-1] not in places:
+        places.append(stack[-1])
+    return ", at ".join(f"{_short(f.filename, project)}:{f.lineno} {f.name}" for f in places)
+
+
+def _short(filename: str, project: Path) -> str:
+    path = Path(filename)
+    if path.is_relative_to(project):
+        return str(path.relative_to(project))
+    parts = path.parts  # a library's file: from its package (or the standard library's) on
+    start = parts.index("site-packages") + 1 if "site-packages" in parts else -2
+    return str(Path(*parts[start:]))
+
+
 # ----------------------------------------------------------------------------- the process's one
 _active: Watchdog | None = None
 
 
-def start(rank: int, size: int, gather: Callable[[Any], list], timeout: float) -> Watchdog | None:
+def start(rank: int, size: int, gather: Callable[[Any], list], timeout: float,
+          elastic: bool = False) -> Watchdog | None:
     """Start watching the job's other processes (call on every rank: `gather(obj)` must return
-    every rank's `obj` in rank order). Nothing to watch for one process or `timeout` 0."""
+    every rank's `obj` in rank order). Nothing to watch for one process or `timeout` 0. Under
+    elastic Horovod a silent peer is reported, not fatal (the module's docstring says why)."""
     global _active
     stop()
     if size <= 1 or timeout <= 0:
@@ -298,7 +340,7 @@ def start(rank: int, size: int, gather: Callable[[Any], list], timeout: float) -
     endpoints = [Endpoint(**parts) for parts in gather(me.as_dict())]
     peers = [endpoint for endpoint in endpoints if endpoint.rank != rank]
     _active = Watchdog(sock, me, peers, endpoints[0].token, size, timeout,
-                       interval=min(INTERVAL, timeout / 5)).start()
+                       interval=min(INTERVAL, timeout / 5), ends_job=not elastic).start()
     return _active
 
 

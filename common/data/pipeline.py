@@ -9,14 +9,22 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
+PREFETCH_BATCHES = 2  # the next step's batch is ready while this one trains
+
 
 def sharded_batches(arrays: Sequence[np.ndarray], *, batch_size: int, num_shards: int, shard_index: int,
                     seed: int, skip_batches: int = 0) -> Iterator:
-    """Endless batches of `batch_size` examples for one shard; `skip_batches` resumes mid-run."""
+    """Endless batches of `batch_size` examples for one shard; `skip_batches` resumes mid-run.
+
+    A fixed prefetch and tf.data's autotuning off: its tuning thread, which the iterator's
+    deletion waits for, held an elastic survivor for up to half a minute after a failed step
+    (`docs/fault-tolerance.md`); there is nothing here for it to tune but the prefetch depth."""
     dataset = tf.data.Dataset.from_tensor_slices(tuple(arrays))
     dataset = dataset.shuffle(len(arrays[0]), seed=seed, reshuffle_each_iteration=True).repeat()
     dataset = dataset.shard(num_shards, shard_index).batch(batch_size, drop_remainder=True)
-    return iter(dataset.skip(skip_batches).prefetch(tf.data.AUTOTUNE))
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return iter(dataset.skip(skip_batches).prefetch(PREFETCH_BATCHES).with_options(options))
 
 
 def shard_rows(rows: Sequence, num_shards: int, shard_index: int) -> list:

@@ -117,8 +117,9 @@ def test_the_message_names_every_silent_rank():
 
 
 # ------------------------------------------------------------------------------ two threads
-def pair(timeout=1.0, interval=0.1):
-    """Two watchdogs (ranks 0 and 1) on loopback; rank 0's stall reports are collected."""
+def pair(timeout=1.0, interval=0.1, **rank0):
+    """Two watchdogs (ranks 0 and 1) on loopback; rank 0's stall reports are collected
+    (unless `rank0` passes its own `on_stall`)."""
     socks = []
     for _ in range(2):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -133,8 +134,9 @@ def pair(timeout=1.0, interval=0.1):
         reports.append(text)
         reported.set()
 
-    dogs = [Watchdog(socks[rank], ends[rank], [ends[1 - rank]], TOKEN, 2, timeout, interval,
-                     on_stall=on_stall if rank == 0 else (lambda text: None)) for rank in range(2)]
+    options = [{"on_stall": on_stall, **rank0}, {"on_stall": lambda text: None}]
+    dogs = [Watchdog(socks[rank], ends[rank], [ends[1 - rank]], TOKEN, 2, timeout, interval, **options[rank])
+            for rank in range(2)]
     return dogs, reports, reported
 
 
@@ -156,6 +158,26 @@ def test_a_rank_that_falls_silent_is_reported_within_the_timeout():
                                      "this rank's 3)")
     finally:
         first.stop(), second.stop()
+
+
+def test_under_elastic_horovod_a_silent_rank_gets_a_warning_and_this_process_goes_on(capfd):
+    # A survivor of a lost worker must live to reset: its own collective may fail only after
+    # Gloo's timeout, and later on a busy host.
+    (first, second), _, _ = pair(ends_job=False, on_stall=None)
+    first.start(), second.start()
+    try:
+        time.sleep(0.3)
+        second.stop(goodbye=False)
+        time.sleep(3)  # the report comes after 1 s, and the thread ends
+        assert not first._thread.is_alive()
+        line = capfd.readouterr().err
+        assert line.startswith("warning: rank 1 on host node1 (127.0.0.1) sent no heartbeat for 1 s")
+        assert "lost, frozen or cut off; Horovod Elastic goes on without a lost worker" in line
+        assert line.count("\n") == 1
+        # Where this rank waits (the main thread: here, this test's sleep).
+        assert "this rank's main thread is in tests/unit/test_watchdog.py:" in line
+    finally:
+        first.stop()
 
 
 def test_a_rank_that_finished_is_not_reported():
