@@ -61,7 +61,8 @@ class TrainConfig:
                          "workers may leave and join; data plans only")
     commit_every: int = flag(10, "elastic: steps between in-memory commits, the point a reset goes back to")
     stall_timeout: int = flag(60, "seconds a rank may stay silent (frozen, cut off) or keep the others waiting in a "
-                              "collective before the job ends with an error naming it; 0 = never")
+                              "collective before the job ends with an error naming it (under --elastic, a "
+                              "warning); 0 = never")
 
     DEBUG: ClassVar[dict[str, Any]] = {}
 

@@ -351,7 +351,7 @@ def init(backend: str, plan: Plan, *, seed: int, deterministic: bool, intra_op_t
     """Start the backend and lay the processes out on the plan's mesh; call once on every
     process, before any other TensorFlow work. `grouped_allreduce`: see `Group.sum`;
     `stall_timeout`: seconds after which a silent or stuck rank ends the job (`common.watchdog`;
-    0 = never)."""
+    under elastic Horovod a silent one is warned of; 0 = never)."""
     configure_threads(intra_op_threads)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
