@@ -17,8 +17,9 @@ def sharded_batches(arrays: Sequence[np.ndarray], *, batch_size: int, num_shards
     """Endless batches of `batch_size` examples for one shard; `skip_batches` resumes mid-run.
 
     A fixed prefetch and tf.data's autotuning off: its tuning thread, which the iterator's
-    deletion waits for, held an elastic survivor for up to half a minute after a failed step
-    (`docs/fault-tolerance.md`); there is nothing here for it to tune but the prefetch depth."""
+    deletion waits for, held an elastic survivor long after a failed step, past the stall
+    watchdog's timeout (`docs/fault-tolerance.md` has the times); there is nothing here for
+    it to tune but the prefetch depth."""
     dataset = tf.data.Dataset.from_tensor_slices(tuple(arrays))
     dataset = dataset.shuffle(len(arrays[0]), seed=seed, reshuffle_each_iteration=True).repeat()
     dataset = dataset.shard(num_shards, shard_index).batch(batch_size, drop_remainder=True)
